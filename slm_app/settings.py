@@ -1,0 +1,201 @@
+"""Deployment tiers and every setting the app reads, in one typed place.
+
+Everything comes from environment variables (prefix ``SLM_``), read once by
+``load_settings()``. A tier brings default limits and a default model; each
+limit can be overridden on its own (``SLM_MAX_NEW_TOKENS=16`` and so on) and
+is enforced server-side by ``slm_app.service`` for every caller.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from enum import Enum
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slm_app import memory
+
+
+class Tier(str, Enum):
+    free = "free"
+    standard = "standard"
+    pro = "pro"
+    auto = "auto"
+
+
+class TierLimits(BaseModel):
+    """What one request may ask for. Enforced for the UI, gradio_client and REST alike."""
+
+    max_prompts: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    max_structured_tokens: int = Field(ge=1)
+    max_prompt_chars: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=1)
+    min_temperature: float = 0.0
+    max_temperature: float = 2.0
+    max_schema_chars: int = 20_000
+    max_schema_depth: int = 24
+
+
+class TierProfile(BaseModel):
+    """A tier's defaults: which backend, which model, which limits."""
+
+    tier: Tier
+    backend: Literal["tensorflow", "llama.cpp"]
+    model: str
+    float16: bool = False
+    aggressive_gc: bool = False
+    limits: TierLimits
+    # Requests the backend runs at once. TF and llama.cpp both serve one at a time
+    # well on 2 cores; a second concurrent decode only halves both.
+    concurrency: int = 1
+    min_memory_mb: int
+
+
+TIER_PROFILES: dict[Tier, TierProfile] = {
+    Tier.free: TierProfile(
+        tier=Tier.free,
+        backend="tensorflow",
+        model="sshleifer/tiny-gpt2",
+        float16=True,
+        aggressive_gc=True,
+        limits=TierLimits(
+            max_prompts=1,
+            max_new_tokens=32,
+            max_structured_tokens=96,
+            max_prompt_chars=1_000,
+            max_prompt_tokens=256,
+        ),
+        min_memory_mb=0,
+    ),
+    Tier.standard: TierProfile(
+        tier=Tier.standard,
+        backend="tensorflow",
+        model="openai-community/gpt2",
+        limits=TierLimits(
+            max_prompts=3,
+            max_new_tokens=64,
+            max_structured_tokens=192,
+            max_prompt_chars=4_000,
+            max_prompt_tokens=512,
+        ),
+        # TensorFlow alone is ~600 MB RSS; GPT-2 124M with XLA buckets ~1.4 GB more.
+        min_memory_mb=3_000,
+    ),
+    Tier.pro: TierProfile(
+        tier=Tier.pro,
+        backend="llama.cpp",
+        model="Qwen/Qwen2.5-3B-Instruct-GGUF:qwen2.5-3b-instruct-q4_k_m.gguf",
+        limits=TierLimits(
+            max_prompts=4,
+            max_new_tokens=512,
+            max_structured_tokens=1_024,
+            max_prompt_chars=16_000,
+            max_prompt_tokens=3_072,
+        ),
+        # Qwen2.5-3B Q4_K_M is a 2.0 GB file; with a 4k context and the process it needs ~3.2 GB.
+        min_memory_mb=6_000,
+    ),
+}
+
+
+class Settings(BaseSettings):
+    """All environment-driven configuration. Unset overrides keep the tier's default."""
+
+    model_config = SettingsConfigDict(env_prefix="SLM_", extra="ignore")
+
+    tier: Tier = Tier.auto
+    model: str | None = None  # hub id, local dir, local .gguf, or repo_id:filename
+
+    # Per-limit overrides of the tier's defaults.
+    max_prompts: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    max_structured_tokens: int | None = Field(default=None, ge=1)
+    max_prompt_chars: int | None = Field(default=None, ge=1)
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    min_temperature: float | None = Field(default=None, ge=0)
+    max_temperature: float | None = Field(default=None, gt=0)
+
+    # Serving.
+    queue_size: int = Field(default=16, ge=1)
+    api_key: str | None = None  # bearer token for REST and OpenAI routes; off when unset
+    cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
+    warmup: bool = True  # compile XLA buckets / run one token at start-up
+
+    # TensorFlow backend.
+    xla: bool = True
+
+    # llama.cpp backend.
+    n_ctx: int = Field(default=4096, ge=256)
+    n_threads: int | None = Field(default=None, ge=1)  # default: cores this process may use
+    n_batch: int = Field(default=512, ge=1)
+    use_mmap: bool = True
+    use_mlock: bool = False
+    chat_template: bool = True  # use the GGUF's chat template when it has one
+
+    @model_validator(mode="after")
+    def _temperature_range(self) -> "Settings":
+        lo = self.min_temperature if self.min_temperature is not None else 0.0
+        hi = self.max_temperature if self.max_temperature is not None else 2.0
+        if lo > hi:
+            raise ValueError(f"SLM_MIN_TEMPERATURE ({lo}) is above SLM_MAX_TEMPERATURE ({hi})")
+        return self
+
+
+class ResolvedTier(BaseModel):
+    """The tier in force, its limits after overrides, and why it was chosen."""
+
+    profile: TierProfile
+    limits: TierLimits
+    model: str
+    reason: str
+
+    @property
+    def tier(self) -> Tier:
+        return self.profile.tier
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def pick_auto_tier(memory_mb: float, has_llama: bool) -> tuple[Tier, str]:
+    """The largest tier that is installed and fits the memory this process may use."""
+    pro, std = TIER_PROFILES[Tier.pro], TIER_PROFILES[Tier.standard]
+    mem = f"{memory_mb:,.0f} MB usable"
+    if has_llama and memory_mb >= pro.min_memory_mb:
+        return Tier.pro, f"auto: llama-cpp-python installed and {mem} >= {pro.min_memory_mb:,} MB"
+    if memory_mb >= std.min_memory_mb:
+        why = "llama-cpp-python not installed" if not has_llama else f"{mem} < {pro.min_memory_mb:,} MB for pro"
+        return Tier.standard, f"auto: {why}; {mem} >= {std.min_memory_mb:,} MB for standard"
+    return Tier.free, f"auto: {mem} < {std.min_memory_mb:,} MB for standard"
+
+
+def resolve_tier(settings: Settings) -> ResolvedTier:
+    if settings.tier is Tier.auto:
+        tier, reason = pick_auto_tier(memory.usable_memory_mb(), llama_cpp_installed())
+    else:
+        tier, reason = settings.tier, f"SLM_TIER={settings.tier.value}"
+    profile = TIER_PROFILES[tier]
+    overrides = {
+        name: getattr(settings, name)
+        for name in TierLimits.model_fields
+        if getattr(settings, name, None) is not None
+    }
+    limits = profile.limits.model_copy(update=overrides)
+    if limits.min_temperature > limits.max_temperature:
+        raise ValueError("temperature range is empty after SLM_* overrides")
+    return ResolvedTier(profile=profile, limits=limits, model=settings.model or profile.model, reason=reason)
+
+
+@lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    return Settings()
