@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import httpx
+
 log = logging.getLogger(__name__)
 
 # Files a TensorFlow GPT-2 checkpoint needs; skip the PyTorch/Flax/ONNX weights.
@@ -27,6 +29,23 @@ class ResolvedModel:
     path: Path | None  # None: nothing usable was found
     source: str  # "local" | "hub-cache" | "hub" | "offline-fallback" | "missing"
     reason: str
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """One quick look at the hub endpoint before the real download.
+
+    Without it an offline start waits ~20 s per model while huggingface_hub retries DNS
+    failures with backoff. HF_HUB_OFFLINE=1 and HF_ENDPOINT are honoured as usual.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False, "HF_HUB_OFFLINE is set"
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return False, f"{constants.ENDPOINT} unreachable ({_short(exc)})"
+    return True, constants.ENDPOINT
 
 
 def _short(exc: BaseException) -> str:
@@ -46,6 +65,11 @@ def _resolve(
         return ResolvedModel(name, local, "local", f"local path {local}")
     notes = []
     for cache_only, source in ((True, "hub-cache"), (False, "hub")):
+        if not cache_only:
+            reachable, why = hub_reachable()
+            if not reachable:
+                notes.append(f"hub: {why}")
+                continue
         try:
             path = Path(fetch(cache_only))
             log.info("model %s found via %s at %s", name, source, path)

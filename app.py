@@ -1,0 +1,24 @@
+"""Entry point, for `python app.py` and for Hugging Face Spaces (app_file: app.py)."""
+
+import logging
+import os
+
+# Before anything imports gradio or huggingface_hub: no analytics, no hub telemetry.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import uvicorn  # noqa: E402
+
+from slm_app.server import build_app  # noqa: E402
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Gradio's own variables, so the app binds where a Space (or a user) expects. Never share=True.
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    uvicorn.run(build_app(), host=host, port=port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

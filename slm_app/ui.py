@@ -1,0 +1,186 @@
+"""The Gradio Blocks UI. Each tab's main event is also a named API endpoint (``api_name``),
+which is the public contract for ``gradio_client`` and for MCP tools.
+
+This module only adapts: it turns UI values into service calls and service
+``RequestError``s into ``gr.Error`` messages. Rules live in ``slm_app.service``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import pandas as pd
+
+from slm_app.presets import PRESETS
+from slm_app.service import GenerationService, RequestError
+
+_CONCURRENCY_ID = "model"  # generate, batch and structured share the one model slot
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Show a refused request as a gr.Error (a clear message, the app keeps serving)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        try:
+            return fn(*args)
+        except RequestError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+
+    return call
+
+
+def _user_errors_stream(fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
+    @functools.wraps(fn)
+    def call(*args: Any) -> Iterator:
+        try:
+            yield from fn(*args)
+        except RequestError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+
+    return call
+
+
+def _banner(service: GenerationService) -> str:
+    h = service.health()
+    lim = service.limits
+    info = h.get("model_info") or {}
+    lines = [f"**Tier:** `{h['tier']}` ({h['tier_reason']}) · **backend:** {h['backend']} · "
+             f"**model:** `{h['model']}` · **status:** {h['status']}",
+             f"Limits per request: {lim.max_prompts} prompt(s), {lim.max_new_tokens} new tokens "
+             f"({lim.max_structured_tokens} for structured JSON), {lim.max_prompt_chars:,} characters / "
+             f"{lim.max_prompt_tokens:,} tokens of prompt."]
+    if info.get("random_weights"):
+        lines.append("⚠️ This model has **random weights** (tiny-gpt2 is a test model, on the hub too): "
+                     "its text is meaningless. It shows the plumbing, not language ability.")
+    if info.get("license_note"):
+        lines.append(str(info["license_note"]))
+    if h["reason"]:
+        lines.append(f"⚠️ Model not loaded: {h['reason']}")
+    return "\n\n".join(lines)
+
+
+def _memory_frame(service: GenerationService) -> pd.DataFrame:
+    points = service.metrics.memory_timeline()
+    return pd.DataFrame(points or [(0.0, 0.0)], columns=["uptime_s", "rss_mb"])
+
+
+def build_ui(service: GenerationService) -> gr.Blocks:
+    lim = service.limits
+    model_events: dict[str, Any] = {"concurrency_limit": service.tier.profile.concurrency,
+                                    "concurrency_id": _CONCURRENCY_ID}
+
+    @_user_errors_stream
+    def generate(prompt: str, max_new_tokens: float, temperature: float, top_p: float, seed: float | None,
+                 top_k: float = 0, stop: str = "", use_chat_template: bool = True,
+                 repeat_penalty: float = 1.0) -> Iterator[str]:
+        """Continue a prompt, streaming the text as it is generated. Returns the full generated text."""
+        stops = [s for s in (stop or "").split("|") if s]
+        yield from service.generate_stream(prompt, max_new_tokens, temperature, top_p, seed, top_k=top_k,
+                                           stop=stops, use_chat_template=use_chat_template,
+                                           repeat_penalty=repeat_penalty)
+
+    @_user_errors
+    def batch(prompts: str, max_new_tokens: float, temperature: float) -> dict[str, list[str]]:
+        """Generate for several prompts (one per line) in one batch; results come back in order."""
+        return {"results": [s.text for s in service.batch(prompts, max_new_tokens, temperature)]}
+
+    @_user_errors
+    def structured(prompt: str, schema: str, max_new_tokens: float, temperature: float,
+                   seed: float | None) -> dict[str, Any]:
+        """Generate JSON that validates against the given JSON Schema (constrained decoding, then jsonschema)."""
+        return service.structured(prompt, schema, max_new_tokens, temperature, seed)
+
+    def health() -> dict[str, Any]:
+        """Server health: tier and why, model, memory, request counts, latency and speed."""
+        return service.health()
+
+    def collect_garbage() -> dict[str, float]:
+        """Run garbage collection; returns process memory before and after, in MB."""
+        return service.collect_garbage()
+
+    with gr.Blocks(title="slm-space") as demo:
+        gr.Markdown("# slm-space\nSmall language models on CPU.")
+        banner = gr.Markdown()
+
+        with gr.Tab("Generate"):
+            g_prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Once upon a time")
+            with gr.Row():
+                g_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_new_tokens})",
+                                     value=min(32, lim.max_new_tokens), precision=None)
+                g_temp = gr.Number(label=f"Temperature ({lim.min_temperature}–{lim.max_temperature}, 0 = greedy)",
+                                   value=0.8, precision=None)
+                g_top_p = gr.Number(label="Top-p (0–1]", value=0.95, precision=None)
+                g_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None)
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    g_top_k = gr.Number(label="Top-k (0 = off)", value=0, precision=None)
+                    g_stop = gr.Textbox(label="Stop sequences (separate with |)", value="")
+                    g_chat = gr.Checkbox(label="Use the model's chat template (when it has one)", value=True)
+                    g_rep = gr.Number(label="Repeat penalty", value=1.0, precision=None)
+            g_button = gr.Button("Generate", variant="primary")
+            g_out = gr.Textbox(label="Generated text", lines=8)
+            g_button.click(generate, [g_prompt, g_tokens, g_temp, g_top_p, g_seed, g_top_k, g_stop, g_chat, g_rep],
+                           g_out, api_name="generate", **model_events)
+
+        with gr.Tab("Batch"):
+            b_prompts = gr.Textbox(label=f"Prompts, one per line (at most {lim.max_prompts})", lines=5)
+            with gr.Row():
+                b_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_new_tokens})",
+                                     value=min(32, lim.max_new_tokens), precision=None)
+                b_temp = gr.Number(label="Temperature", value=0.8, precision=None)
+            b_button = gr.Button("Run batch", variant="primary")
+            b_out = gr.JSON(label="Results")
+            b_button.click(batch, [b_prompts, b_tokens, b_temp], b_out, api_name="batch", **model_events)
+
+        with gr.Tab("Structured JSON"):
+            first = next(iter(PRESETS))
+            s_preset = gr.Dropdown(list(PRESETS), value=first, label="Preset schema")
+            s_schema = gr.Code(json.dumps(PRESETS[first], indent=2), language="json", label="JSON Schema")
+            s_prompt = gr.Textbox(label="Prompt", lines=3, value="Write about CPU inference for small models.")
+            with gr.Row():
+                s_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
+                                     value=lim.max_structured_tokens, precision=None)
+                s_temp = gr.Number(label="Temperature", value=0.7, precision=None)
+                s_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
+            s_button = gr.Button("Generate JSON", variant="primary")
+            s_status = gr.Markdown()
+            s_out = gr.JSON(label="Result")
+            s_raw = gr.Textbox(label="Raw model output", lines=3)
+            s_preset.change(lambda name: json.dumps(PRESETS[name], indent=2), s_preset, s_schema,
+                            api_visibility="private", queue=False)
+            s_button.click(structured, [s_prompt, s_schema, s_tokens, s_temp, s_seed], s_out,
+                           api_name="structured", **model_events).then(
+                _structured_view, s_out, [s_status, s_raw], api_visibility="private", queue=False)
+
+        with gr.Tab("Health & Memory"):
+            with gr.Row():
+                h_button = gr.Button("Refresh", variant="primary")
+                gc_button = gr.Button("Run garbage collection")
+            h_out = gr.JSON(label="Health")
+            gc_out = gr.JSON(label="Garbage collection (RSS before/after, MB)")
+            h_plot = gr.LinePlot(_memory_frame(service), x="uptime_s", y="rss_mb",
+                                 title="Process memory (RSS, MB) over uptime (s)", label="Memory")
+            refresh = h_button.click(health, None, h_out, api_name="health", queue=False)
+            refresh.then(lambda: _memory_frame(service), None, h_plot, api_visibility="private", queue=False)
+            gc_button.click(collect_garbage, None, gc_out, api_name="gc", queue=False).then(
+                lambda: _memory_frame(service), None, h_plot, api_visibility="private", queue=False)
+
+        demo.load(lambda: (_banner(service), service.health(), _memory_frame(service)), None,
+                  [banner, h_out, h_plot], api_visibility="private", queue=False)
+    return demo
+
+
+def _structured_view(result: dict | None) -> tuple[str, str]:
+    if not result:
+        return "", ""
+    if result.get("success"):
+        relaxed = " (schema compiled in relaxed mode)" if result.get("relaxed") else ""
+        status = f"✅ Validated against the schema{relaxed} · {result.get('tokens')} tokens · " \
+                 f"{result.get('inference_time_ms', 0):.0f} ms"
+    else:
+        status = f"❌ Not valid: {result.get('error')}"
+    return status, result.get("raw_text", "")
