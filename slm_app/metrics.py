@@ -25,6 +25,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("slm_requests", "Requests by endpoint and outcome", ["endpoint", "outcome"], registry=r)
+        # Every HTTP API call (REST and /v1), refused ones included: 4xx never reach the model.
+        self.http_requests = Counter("slm_http_requests", "HTTP API requests by route and status",
+                                     ["route", "status"], registry=r)
         self.tokens = Counter("slm_generated_tokens", "Tokens generated", ["endpoint"], registry=r)
         self.latency = Histogram("slm_request_latency_seconds", "Request latency", ["endpoint"],
                                  buckets=_LATENCY_BUCKETS, registry=r)

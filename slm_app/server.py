@@ -15,6 +15,7 @@ import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
+from slm_app import http_api, openai_api  # noqa: E402
 from slm_app.service import GenerationService  # noqa: E402
 from slm_app.settings import Settings, load_settings  # noqa: E402
 from slm_app.ui import build_ui  # noqa: E402
@@ -29,7 +30,11 @@ def build_app(settings: Settings | None = None, load_model: bool = True) -> Fast
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=service.tier.profile.concurrency)
     app = FastAPI(title="slm-space")
     app.state.service = service
-    app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api", "settings"])
+    # Our routes before the mount: Gradio at "/" would otherwise answer every path.
+    http_api.register_routes(app, service)
+    openai_api.register_routes(app, service)
+    # mcp_server: each named Gradio endpoint is also an MCP tool, at /gradio_api/mcp (streamable HTTP).
+    app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api", "settings"], mcp_server=True)
     if load_model:
         service.start_loading()
     return app

@@ -1,0 +1,200 @@
+"""The /v1 routes as the official ``openai`` SDK sees them, against the app served on a free port with
+the free tier's tiny-gpt2 (random weights: assert on shapes, counts and statuses, not on the text)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from slm_app.server import build_app, serve_in_thread
+from slm_app.settings import Settings
+
+USER = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    server = serve_in_thread(build_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))))
+    assert server.service.wait_until_loaded(timeout=600), server.service.load_error
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(app) -> openai.OpenAI:
+    # No retries: a 429/503 must surface, not be retried behind the test's back.
+    return openai.OpenAI(base_url=app.url + "v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def cancelled_count(app) -> float:
+    text = httpx.get(app.url + "metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "slm_requests_total" and s.labels == {"endpoint": "completions", "outcome": "cancelled"})
+
+
+def assert_usage(usage, max_tokens: int) -> None:
+    assert usage.prompt_tokens > 0 and 1 <= usage.completion_tokens <= max_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_models_lists_the_served_model(client, app):
+    models = client.models.list().data
+    assert models[0].id == app.service.backend.model_id and models[0].object == "model"
+    assert client.models.retrieve(models[0].id).id == models[0].id
+
+
+def test_completion(client, model):
+    r = client.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == model
+    assert len(r.choices) == 1 and isinstance(r.choices[0].text, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert_usage(r.usage, 8)
+
+
+def test_chat_completion(client, model):
+    r = client.chat.completions.create(model=model, messages=[{"role": "system", "content": "Be brief."}, *USER],
+                                       max_tokens=8, temperature=0.7, top_p=0.9, seed=7)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert_usage(r.usage, 8)
+
+
+def test_seeded_answers_repeat(client, model):
+    kwargs = dict(model=model, messages=USER, max_tokens=6, temperature=1.0, seed=1234)
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert client.chat.completions.create(**kwargs).choices[0].message.content == a
+
+
+def test_chat_stream_matches_the_plain_answer(client, model):
+    kwargs = dict(model=model, messages=USER, max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) > 3 and all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    *content_chunks, usage_chunk = chunks
+    assert content_chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in content_chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in content_chunks) == plain.choices[0].message.content
+    assert usage_chunk.choices == [] and usage_chunk.usage == plain.usage
+
+
+def test_completion_stream_is_server_sent_events(app, model):
+    body = {"model": model, "prompt": "Stream me", "max_tokens": 6, "temperature": 0, "stream": True}
+    with httpx.stream("POST", app.url + "v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert chunks and all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "usage" not in chunks[-1]  # only with stream_options.include_usage
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0,
+                                                                        "maximum": 120}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_answer_validates(app, client, model):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe a person."}], temperature=0.7, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+    assert_usage(r.usage, app.service.limits.max_structured_tokens)
+
+
+def test_json_object_answer_is_an_object(client, model):
+    chunks = list(client.chat.completions.create(model=model, messages=USER, seed=5, stream=True,
+                                                 response_format={"type": "json_object"}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.parametrize("kwargs, error, param", [
+    ({"temperature": 5}, openai.BadRequestError, "temperature"),
+    ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
+    ({"n": 2}, openai.BadRequestError, "n"),
+    ({"messages": []}, openai.BadRequestError, "messages"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, openai.BadRequestError, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     openai.BadRequestError, "messages[0].content"),
+    ({"response_format": {"type": "json_schema"}}, openai.BadRequestError, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     openai.BadRequestError, "schema"),
+    ({"model": "gpt-4o"}, openai.NotFoundError, "model"),
+])
+def test_bad_chat_requests_get_openai_errors(client, model, kwargs, error, param):
+    with pytest.raises(error) as info:
+        client.chat.completions.create(**{"model": model, "messages": USER, "max_tokens": 4, **kwargs})
+    body = info.value.body
+    assert set(body) == {"message", "type", "param", "code"} and body["message"]
+    assert body["type"] == "invalid_request_error" and body["param"] == param
+
+
+@pytest.mark.parametrize("prompt, limit", [("x" * 1001, "at most 1,000"), (["one", "two"], "at most 1 per request")])
+def test_too_large_is_413_naming_the_limit(client, model, prompt, limit):
+    with pytest.raises(openai.APIStatusError) as info:
+        client.completions.create(model=model, prompt=prompt, max_tokens=4)
+    assert info.value.status_code == 413 and limit in info.value.body["message"]
+
+
+def test_busy_is_429(app, client, model):
+    # Fill every admission slot, as queue_size requests waiting for the model would.
+    slots = app.service.settings.queue_size
+    for _ in range(slots):
+        assert app.service._admission.acquire(blocking=False)
+    try:
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model=model, messages=USER, max_tokens=4, stream=True)
+        assert "busy" in info.value.body["message"]
+    finally:
+        for _ in range(slots):
+            app.service._admission.release()
+
+
+def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(app, client, model, monkeypatch):
+    backend = app.service.backend
+    real_decode = backend.decode
+
+    def slow_decode(*args, **kwargs):  # tiny-gpt2 is fast: slow each step so the client can leave midway
+        for step in real_decode(*args, **kwargs):
+            time.sleep(0.1)
+            yield step
+
+    monkeypatch.setattr(backend, "decode", slow_decode)
+    before = cancelled_count(app)
+    body = {"model": model, "prompt": "A long story", "max_tokens": 32, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", app.url + "v1/completions", json=body, timeout=60) as r:
+        events = r.iter_lines()
+        assert next(line for line in events if line.startswith("data: "))
+    # The client is gone after one chunk; /health answers meanwhile and the request is recorded as cancelled.
+    t0 = time.perf_counter()
+    assert httpx.get(app.url + "health").status_code == 200 and time.perf_counter() - t0 < 2
+    deadline = time.monotonic() + 15
+    while cancelled_count(app) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cancelled_count(app) == before + 1
+    monkeypatch.undo()
+    # The backend's lock was released: the next request completes.
+    r = client.completions.create(model=model, prompt="Next", max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")
