@@ -127,11 +127,11 @@ def guarded_route_class(service: GenerationService, render: ErrorRenderer, *, au
             path = self.path
 
             async def guarded(request: Request) -> Response:
-                response = await _respond(request, handler)
+                response = await respond(request)
                 counter.labels(path, str(response.status_code)).inc()
                 return response
 
-            async def _respond(request: Request, handler: Callable) -> Response:
+            async def respond(request: Request) -> Response:
                 if not bearer_ok(request, api_key):
                     return render(401, "missing or wrong API key: send 'Authorization: Bearer <SLM_API_KEY>'", None)
                 try:

@@ -20,14 +20,17 @@
   ``response_format``: ``{"type": "json_schema", "json_schema": {"name", "schema"}}`` or
   ``{"type": "json_object"}`` (the schema ``{"type": "object"}``) run through ``service.structured``
   (constrained decoding, then validation); the JSON text is the message content. Streamed, it arrives
-  as one chunk since the structured engine does not stream.
+  as one chunk since the structured engine does not stream. Out of tokens before the JSON closed gives
+  ``finish_reason: "length"``; no valid JSON after the engine's retries is a 422.
 * ``stream: true`` → server-sent events, one ``data: {json}\\n\\n`` per chunk (``chat.completion.chunk``
   or ``text_completion``), a last chunk carrying ``finish_reason``, then (with
   ``stream_options.include_usage``) a chunk with ``choices: []`` and ``usage``, then ``data: [DONE]``.
-  Text that could still turn into a stop string is held back until it cannot. A client that
-  disconnects cancels the generation. An error after the stream started arrives as ``data: {"error": ...}``.
+  A client that disconnects cancels the generation. An error after the stream started arrives as
+  ``data: {"error": ...}`` before ``[DONE]``.
 * Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad request), 401 (key), 404
-  (unknown model), 413 (prompt or batch too large), 429 (busy), 503 (model loading or failed), 500.
+  (unknown model), 413 (prompt or batch too large), 422 (no valid structured output), 429 (busy),
+  503 (model loading or failed), 500 (a bug: logged, the server keeps serving).
+* The model is the one this server loaded: ``model`` must be an id from ``/v1/models`` (404 otherwise).
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant"
 _ERROR_KINDS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
                 404: ("invalid_request_error", "model_not_found"),
                 413: ("invalid_request_error", "request_too_large"),
-                429: ("rate_limit_error", "rate_limit_exceeded"), 503: ("server_error", "model_not_ready")}
+                422: ("server_error", "invalid_output"), 429: ("rate_limit_error", "rate_limit_exceeded"),
+                503: ("server_error", "model_not_ready")}
 
 
 def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
@@ -183,18 +187,6 @@ def _usage(seqs: list[GeneratedSequence]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sendable(text: str, stops: tuple[str, ...]) -> str:
-    """The part of a growing text that is final: a tail that may yet become a stop string (which the
-    backend then cuts) or an unfinished UTF-8 character (U+FFFD until its last byte) waits."""
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    return text[: len(text) - hold].rstrip("\ufffd")
-
-
 @dataclasses.dataclass
 class _Job:
     """A validated request: what to run and how to answer it."""
@@ -229,7 +221,7 @@ class _Job:
         return f"data: {json.dumps(self.envelope(self.kind.chunk_object, choices, **extra))}\n\n"
 
     async def _events(self, first: list[GeneratedSequence] | None) -> AsyncIterator[str]:
-        kind, stops = self.kind, self.params.stop
+        kind = self.kind
         sent: dict[int, str] = {}
         finished: set[int] = set()
         seqs: list[GeneratedSequence] = []
@@ -245,10 +237,10 @@ class _Job:
                     for i, s in enumerate(seqs):
                         if i in finished:
                             continue
-                        text = kind.visible(s.text)
-                        ready = text if s.done else _sendable(text, stops)
-                        before = sent.get(i, "")
-                        delta = ready[len(before):] if ready.startswith(before) else ""
+                        # Backends hold back text that may still become a stop string, so it only
+                        # grows; should it ever change behind us, we cannot unsend: send nothing.
+                        text, before = kind.visible(s.text), sent.get(i, "")
+                        delta = text[len(before):] if text.startswith(before) else ""
                         sent[i] = before + delta
                         if s.done:
                             finished.add(i)
@@ -302,7 +294,8 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
             raise RequestError(f"n must be 1 (one choice per prompt), got {body.n}")
         return service.sampling(max_tokens if max_tokens is not None else default_max,
                                 1.0 if body.temperature is None else body.temperature,
-                                1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops, use_chat_template=use_chat_template, cap=cap)
+                                1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
+                                use_chat_template=use_chat_template, cap=cap)
 
     def stops_of(body: _Sampling) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -351,19 +344,26 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
             steps = generation_steps(service, _CHAT.endpoint, [prompt], params, request)
         else:
             schema = {"type": "object"} if fmt == "json_object" else body.response_format.json_schema.schema_
-            steps = _single([await run_in_threadpool(structured_step, prompt, schema, params)])
+            steps = _single(await run_in_threadpool(structured_step, prompt, schema, params))
         return await _Job(_CHAT, model, params, _include_usage(body), steps).answer(bool(body.stream))
 
     def structured_step(prompt: str, schema: dict[str, Any], params: SamplingParams) -> list[GeneratedSequence]:
         """service.structured's answer as the one step of a finished sequence, so it is answered (and
-        streamed) like any other generation."""
+        streamed) like any other generation. Out of tokens before the JSON closed is OpenAI's
+        ``finish_reason: "length"`` with the partial text; any other failure is a 422, not invalid JSON
+        presented as an answer."""
         result = service.structured(prompt, json.dumps(schema), params.max_new_tokens, params.temperature,
                                     params.seed)
-        tokens = int(result.get("tokens") or 0)
-        text = result.get("raw_text") or ""
-        finish = "stop" if result.get("success") else ("length" if tokens >= params.max_new_tokens else "stop")
+        error = result.get("error") or ""
+        if result["success"]:
+            text, finish = json.dumps(result["data"], ensure_ascii=False), "stop"
+        elif error.startswith("truncated"):
+            text, finish = result.get("raw_text", ""), "length"
+        else:
+            raise RequestError(f"no JSON valid against the schema was produced: {error}", status=422)
+        # "tokens" counts every attempt the engine made: all of them were generated, so all are usage.
         return [GeneratedSequence(prompt=prompt, prompt_tokens=service.ready_backend().count_tokens(prompt),
-                                  token_ids=[0] * tokens, text=text, finish_reason=finish)]
+                                  token_ids=[0] * int(result.get("tokens") or 0), text=text, finish_reason=finish)]
 
     app.include_router(router)
 

@@ -23,18 +23,18 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+# jsonschema checks "pattern" with Python's re, so Python's own regex parser decides what is valid.
+from re import _constants as sre_c, _parser as sre_parse
 from typing import Any, Iterator, TypeVar
 
 import jsonschema
 import llguidance
 import llguidance.numpy
 import numpy as np
+import referencing.exceptions
 from jsonschema import FormatChecker
 from jsonschema.validators import Draft202012Validator, validator_for
 from pydantic import BaseModel
-from re import _constants as sre_c  # the stdlib regex parser: the one source of truth for "valid Python regex"
-from re import _parser as sre_parse
-import referencing.exceptions
 from referencing import Registry
 
 from slm_app.backends.base import Backend, SamplingParams
@@ -147,7 +147,7 @@ def _pointer_escape(key: str) -> str:
 def _check_node(node: dict, path: str) -> None:
     for key in _REF_KEYWORDS:
         ref = node.get(key)
-        if isinstance(ref, str) and not ref.startswith("#"):
+        if isinstance(ref, str) and ref and not ref.startswith("#"):  # "" is this document too
             raise SchemaError(f"{key} {ref!r} at {path or '/'} points outside this schema; only local "
                               f"references such as '#/$defs/name' are allowed, and nothing is ever fetched")
     if isinstance(node.get("pattern"), str):
@@ -340,7 +340,7 @@ class JsonSchemaConstraint:
 
 
 class RemoteRefRefused(LookupError):
-    pass
+    """Raised by the validator's registry instead of fetching a URI."""
 
 
 def _refuse_retrieval(uri: str) -> Any:
@@ -416,7 +416,10 @@ def validate_output(text: str, schema: dict) -> tuple[Any, str | None]:
     try:
         error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(data))
     except referencing.exceptions.Unresolvable as exc:  # a $ref to nowhere, or one we refused to fetch
-        return None, f"the schema could not be applied: {exc}"
+        cause: BaseException = exc
+        while (inner := cause.__cause__ or cause.__context__) is not None:
+            cause = inner
+        return None, f"the schema could not be applied: {cause if isinstance(cause, RemoteRefRefused) else exc}"
     if error is not None:
         return None, f"{error.message} (at {error.json_path})"
     return data, None
@@ -448,9 +451,9 @@ class StructuredResult:
     error: str | None
     relaxed: bool
     model_used: str
-    inference_time_ms: float
-    tokens: int  # generated tokens over all attempts (the time covers them all too)
-    raw_text: str = ""
+    inference_time_ms: float  # the whole call: compile (if not cached), every attempt, validation
+    tokens: int  # generated tokens over all attempts
+    raw_text: str = ""  # the last attempt's output, valid or not
 
     def to_api(self) -> dict[str, Any]:
         return {"success": self.success, "data": self.data, "error": self.error, "relaxed": self.relaxed,

@@ -652,6 +652,7 @@ class LlamaCppBackend(Backend):
             "model_name": md.get("general.name"),
             "architecture": md.get("general.architecture"),
             "parameters": C.llama_model_n_params(self._llama.model),
+            "gguf": f"v{self._summary.version}, {self._summary.n_tensors} tensors",
             "vocab_size": self._n_vocab,
             "chat_template": self._has_chat_template,
             "chat_template_used": self._chat_formatter is not None,

@@ -8,11 +8,11 @@ function once per bucket:
 * step: one token per row against a KV cache of fixed length ``C - 1`` (``C`` = context bucket).
   The cache is right-aligned: real keys/values sit at the end, empty (masked) slots at the start.
   Each step the model appends the new token's keys/values (giving ``C`` slots) and we drop the
-  first slot, which is empty as long as prompt + new tokens fit in ``C``. That keeps the shape
-  fixed with plain slices, where transformers' own XLA generate writes into a left-aligned cache
-  with ``dynamic_update_slice`` (an XLA-only op): slot order does not matter to attention because
-  GPT-2 adds absolute position embeddings (we pass explicit ``position_ids``) before the keys are
-  computed, so the same function also runs without XLA and gives the same numbers.
+  first slot, which is empty as long as prompt + new tokens fit in ``C``. transformers' own XLA
+  generate keeps a left-aligned cache instead and writes each step at a moving index with
+  ``dynamic_update_slice``; right alignment needs only static slices and no write index, and
+  slot order does not matter to attention because GPT-2's position embeddings (we pass explicit
+  ``position_ids``) are added before keys and values are computed.
 
 Sampling happens in numpy (``base.Sampler``) so constraints and seeds behave as in every backend.
 """
@@ -25,9 +25,9 @@ import gc
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -110,12 +110,13 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in TF_MODEL_FILES)
 
 
-def build_random_gpt2(target_dir: Path, seed: int = 0, **config: int) -> Path:
+def build_random_gpt2(target_dir: Path, seed: int = 0, **config: Any) -> Path:
     """A randomly initialised TF GPT-2 plus the GPT-2 tokenizer, saved once into ``target_dir``.
 
-    Deterministic: weights come from a numpy generator seeded with ``seed``, drawn in the
-    model's variable order with GPT-2's initialisation (normal(0, 0.02), zero biases, unit
-    LayerNorm scales), so TensorFlow's global random state plays no part. Written to a
+    ``config`` goes to ``GPT2Config``. Deterministic: weights come from a numpy generator seeded
+    with ``seed``, drawn in the model's variable order with GPT-2's initialisation (normal with
+    ``initializer_range``, default 0.02; zero biases; unit LayerNorm scales), so TensorFlow's
+    global random state plays no part. Written to a
     temporary sibling folder and renamed, so a crash never leaves a half-written model.
     """
     target_dir = Path(target_dir)
@@ -125,12 +126,16 @@ def build_random_gpt2(target_dir: Path, seed: int = 0, **config: int) -> Path:
     from transformers import GPT2Config, TFGPT2LMHeadModel
 
     target_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}-", dir=target_dir.parent))
+    # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed folder.
+    tmp = target_dir.parent / f".{target_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
     try:
         cfg = GPT2Config(**config, **{RANDOM_WEIGHTS_KEY: True})
         rng = np.random.default_rng(seed)
         with _keras_policy("float32"):
-            model = TFGPT2LMHeadModel(cfg)
+            # A fixed name: Keras would otherwise number a second model in the process ("..._1"),
+            # and that name prefixes every weight saved in tf_model.h5.
+            model = TFGPT2LMHeadModel(cfg, name="tfgpt2lm_head_model")
             model(model.dummy_inputs)  # creates the variables
         for var in model.weights:
             leaf = var.name.rsplit("/", 1)[-1]
@@ -166,8 +171,10 @@ def build_offline_tiny_gpt2(target_dir: Path) -> Path:
 class _ModelFunctions:
     """Prefill and step as XLA-compiled functions, falling back to plain TF graphs.
 
-    Each is traced once per input shape (bucket). If XLA fails to compile a shape that runs
-    as a plain graph, XLA is switched off for good and ``xla_note`` says why.
+    Each is traced once per input shape (bucket) and then called as a concrete function:
+    that skips tf.function's per-call signature matching, about two thirds of the per-token
+    dispatch cost on the tiny model. If XLA fails on a shape that runs as a plain graph,
+    XLA is switched off for good and ``xla_note`` says why.
     """
 
     def __init__(self, tf: Any, model: Any, xla: bool):
@@ -184,23 +191,29 @@ class _ModelFunctions:
             past = tuple(layer[:, :, :, 1:] for layer in out.past_key_values)
             return tf.cast(out.logits[:, -1], tf.float32), past, mask[:, 1:]
 
-        self._graph = {_PREFILL: tf.function(prefill), _STEP: tf.function(step)}
-        self._xla = ({_PREFILL: tf.function(prefill, jit_compile=True), _STEP: tf.function(step, jit_compile=True)}
-                     if xla else None)
+        self._tf = tf
+        self._functions = {jit: {_PREFILL: tf.function(prefill, jit_compile=jit), _STEP: tf.function(step, jit_compile=jit)}
+                           for jit in (True, False)}
+        self._concrete: dict[tuple, Any] = {}
+        self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
 
-    @property
-    def xla(self) -> bool:
-        return self._xla is not None
+    def _run(self, jit: bool, which: str, args: tuple) -> Any:
+        key = (jit, which, *(tuple(t.shape) for t in self._tf.nest.flatten(args)))
+        fn = self._concrete.get(key)
+        if fn is None:
+            fn = self._concrete[key] = self._functions[jit][which].get_concrete_function(*args)
+        return fn(*args)
 
     def __call__(self, which: str, *args: Any) -> Any:
-        if self._xla is None:
-            return self._graph[which](*args)
+        args = tuple(self._tf.convert_to_tensor(a) if isinstance(a, np.ndarray) else a for a in args)
+        if not self.xla:
+            return self._run(False, which, args)
         try:
-            return self._xla[which](*args)
+            return self._run(True, which, args)
         except Exception as xla_error:
-            result = self._graph[which](*args)  # raises too if the inputs, not XLA, are the problem
-            self._xla = None
+            result = self._run(False, which, args)  # raises too if the inputs, not XLA, are the problem
+            self.xla = False
             self.xla_note = f"off: XLA compilation failed ({type(xla_error).__name__}: {str(xla_error)[:300]})"
             log.warning("XLA disabled, running TF graphs without it: %s", xla_error)
             return result
@@ -251,6 +264,8 @@ class TFGPT2Backend(Backend):
         self._vocab_width = int(config.vocab_size)
         self._eos = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id)
         self._random_weights = model_id == TINY_GPT2_ID or bool(getattr(config, RANDOM_WEIGHTS_KEY, False))
+        self._n_params = int(model.count_params())
+        self._dtype = model.weights[0].dtype.name
         self._ladder = tuple(b for b in LENGTH_BUCKETS if b < self._n_positions) + (self._n_positions,)
         # Buckets this tier's requests can reach: warmed (compiled) at load so no request compiles.
         lim = _effective_limits(profile, settings)
@@ -330,7 +345,7 @@ class TFGPT2Backend(Backend):
         return self._llg
 
     def info(self) -> dict[str, Any]:
-        r, model, fns = self._resolved, self._model, self._fns
+        r, fns = self._resolved, self._fns
         return {
             "backend": self.name,
             "model": self.model_id,
@@ -339,8 +354,8 @@ class TFGPT2Backend(Backend):
             "source": r.source,
             "reason": r.reason,
             "random_weights": self._random_weights,
-            "n_params": int(model.count_params()) if model is not None else None,
-            "dtype": model.weights[0].dtype.name if model is not None else None,
+            "n_params": self._n_params,
+            "dtype": self._dtype,
             "float16": self._profile.float16,
             "xla": fns.xla if fns is not None else None,
             "xla_note": fns.xla_note if fns is not None else "closed",
@@ -353,10 +368,13 @@ class TFGPT2Backend(Backend):
         }
 
     def close(self) -> None:
-        with self._lock:
-            self._model = None
-            self._fns = None
-            self._llg = None
+        # Bounded wait: a decode generator abandoned unclosed in this very thread would hold the lock forever.
+        locked = self._lock.acquire(timeout=30)
+        try:
+            self._model = self._fns = self._llg = None
+        finally:
+            if locked:
+                self._lock.release()
         gc.collect()
 
     def decode(
@@ -368,8 +386,8 @@ class TFGPT2Backend(Backend):
     ) -> Iterator[list[GeneratedSequence]]:
         if constraints is not None and len(constraints) != len(prompts):
             raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        # Held for the generator's whole life: two interleaved decodes would share nothing
-        # but the model, yet TF calls from two threads only slow each other down.
+        # Held for the generator's whole life, so concurrent callers run one after the other:
+        # interleaved steps would only slow both down on 2 cores and race on the function cache.
         with self._lock:
             try:
                 yield from self._decode(list(prompts), params, constraints, cancel)
