@@ -75,12 +75,13 @@ def worker(cfg: dict) -> dict:
     out.update(ms_token=1e3 * median(steady), ms_token_e2e=1e3 * median(e2e), ttft_ms=1e3 * median(ttft),
                after_last_ms=1e3 * median(tail))
 
-    timed_decode(backend, BATCH, params)  # compile the batch bucket
-    batch_s, seq_s = [], []
-    for _ in range(repeats):
-        batch_s.append(timed_decode(backend, BATCH, params)[0][-1])
-        seq_s.append(sum(timed_decode(backend, [p], params)[0][-1] for p in BATCH))
-    out.update(batch3_tok_s=3 * n / median(batch_s), seq3_tok_s=3 * n / median(seq_s))
+    if cfg["batch"]:
+        timed_decode(backend, BATCH, params)  # compile the batch bucket
+        batch_s, seq_s = [], []
+        for _ in range(repeats):
+            batch_s.append(timed_decode(backend, BATCH, params)[0][-1])
+            seq_s.append(sum(timed_decode(backend, [p], params)[0][-1] for p in BATCH))
+        out.update(batch3_tok_s=3 * n / median(batch_s), seq3_tok_s=3 * n / median(seq_s))
     out["rss_end_mb"] = rss_mb()
 
     # Baselines: transformers' own generate on the very same Keras model.
@@ -138,10 +139,11 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
 
 
-def report(rows: list[dict], args: argparse.Namespace, elapsed: float) -> str:
+def report(rows: list[dict], args: argparse.Namespace, elapsed: float, loads: list[float]) -> str:
     lines = [f"Prompt {len(PROMPT)} chars, {args.tokens} new tokens, greedy; medians of {args.repeats} repeats "
              f"(HF eager generate: {args.hf_repeats}). Each configuration in a fresh process. "
-             f"Bench wall time {elapsed / 60:.1f} min.", ""]
+             f"Bench wall time {elapsed / 60:.1f} min on {os.cpu_count()} cores; 1-minute load average "
+             f"{' → '.join(f'{x:.1f}' for x in loads)} (start → end of each configuration).", ""]
     lines += ["### Latency per token", "",
               "| tier / model | dtype | decode loop | ms/token (steady) | ms/token incl. prefill | TTFT ms | "
               "first call s (compile) | vs HF generate eager | vs HF generate XLA |",
@@ -166,9 +168,10 @@ def report(rows: list[dict], args: argparse.Namespace, elapsed: float) -> str:
     lines += ["", "### Batch of 3 prompts (one padded batch) vs the same 3 one after another", "",
               "| tier / model | dtype | decode loop | batch of 3 tok/s | 3 sequential tok/s | speed-up |",
               "|---|---|---|---:|---:|---:|"]
-    for r in rows:
+    for r in (r for r in rows if r["batch"]):
         lines.append(f"| {r['model_label']} | {r['dtype']} | {'XLA' if r['xla'] else 'no XLA'} | "
-                     f"{fmt(r['batch3_tok_s'])} | {fmt(r['seq3_tok_s'])} | {fmt(r['batch3_tok_s'] / r['seq3_tok_s'], 2)}× |")
+                     f"{fmt(r['batch3_tok_s'])} | {fmt(r['seq3_tok_s'])} | "
+                     f"{fmt(r['batch3_tok_s'] / r['seq3_tok_s'], 2)}× |")
     lines += ["", "### Memory (RSS, MB)", "",
               "| tier / model | dtype | decode loop | after `import tensorflow` | after load | after the runs | peak | "
               "load s | tier warm-up s |",
@@ -206,17 +209,23 @@ def main() -> None:
     common = dict(cache_dir=args.cache_dir, tokens=args.tokens, repeats=args.repeats, hf_repeats=args.hf_repeats,
                   tier_warmup=args.tier_warmup)
     tiny = dict(common, tier="free", model="sshleifer/tiny-gpt2", model_label="free: tiny-gpt2 (random)")
-    configs = [dict(tiny, label="tiny fp16 XLA", float16=True, xla=True, hf_eager=False, hf_xla=True),
-               dict(tiny, label="tiny fp16 no-XLA", float16=True, xla=False, hf_eager=True, hf_xla=False)]
+    configs = [dict(tiny, label="tiny fp16 XLA", float16=True, xla=True, batch=True, hf_eager=False, hf_xla=True),
+               dict(tiny, label="tiny fp16 no-XLA", float16=True, xla=False, batch=True, hf_eager=True, hf_xla=False)]
     if not args.skip_124m:
         print("building the random 124M GPT-2 (once)...", file=sys.stderr, flush=True)
         big = dict(common, tier="standard", model=build_124m(args.cache_dir),
                    model_label="standard: GPT-2 124M (random weights)")
-        configs += [dict(big, label="124M fp32 XLA", float16=False, xla=True, hf_eager=False, hf_xla=True),
-                    dict(big, label="124M fp32 no-XLA", float16=False, xla=False, hf_eager=True, hf_xla=False),
-                    dict(big, label="124M fp16 XLA", float16=True, xla=True, hf_eager=False, hf_xla=False)]
-    rows = [run_worker(c) for c in configs]
-    print(report(rows, args, time.perf_counter() - start))
+        # float16 is here for memory; this CPU has no fp16 arithmetic, so its batch runs would only cost minutes.
+        configs += [dict(big, label="124M fp32 XLA", float16=False, xla=True, batch=True, hf_eager=False, hf_xla=True),
+                    dict(big, label="124M fp32 no-XLA", float16=False, xla=False, batch=True, hf_eager=True,
+                         hf_xla=False),
+                    dict(big, label="124M fp16 XLA", float16=True, xla=True, batch=False, hf_eager=False, hf_xla=False)]
+    loads = [os.getloadavg()[0]]
+    rows = []
+    for cfg in configs:
+        rows.append(run_worker(cfg))
+        loads.append(os.getloadavg()[0])
+    print(report(rows, args, time.perf_counter() - start, loads))
 
 
 if __name__ == "__main__":

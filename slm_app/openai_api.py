@@ -31,6 +31,7 @@
   (unknown model), 413 (prompt or batch too large), 422 (no valid structured output), 429 (busy),
   503 (model loading or failed), 500 (a bug: logged, the server keeps serving).
 * The model is the one this server loaded: ``model`` must be an id from ``/v1/models`` (404 otherwise).
+  Other OpenAI fields (``user``, ``logprobs``, ``echo``, ``presence_penalty``...) are accepted and ignored.
 """
 
 from __future__ import annotations

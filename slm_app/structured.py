@@ -243,7 +243,7 @@ class CompiledSchema:
     relaxed: bool
     mode: str  # "strict" | "oneOf as anyOf" | "lenient"
     warnings: tuple[str, ...]
-    compile_ms: float
+    compile_ms: float  # all rungs tried, not only the one that worked
     tokenizer: llguidance.LLTokenizer
     _matcher: llguidance.LLMatcher = field(repr=False)
 
@@ -267,8 +267,8 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer) -> CompiledS
             _cache.move_to_end(key)
             return hit
     errors: list[str] = []
+    start = time.perf_counter()
     for mode, options in _LADDER:
-        start = time.perf_counter()
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={**_COMPACT, **options})
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_PARSER_LIMITS)
         elapsed = (time.perf_counter() - start) * 1000

@@ -210,9 +210,12 @@ def test_mcp_client_lists_and_calls_tools(app):
             async with ClientSession(read, write) as s:
                 await s.initialize()
                 names = [t.name for t in (await s.list_tools()).tools]
-                result = await s.call_tool("batch", {"prompts": "MCP says", "max_new_tokens": 3, "temperature": 0})
+                # health is not queued, so Gradio runs it in-process. A queued tool (generate, batch...)
+                # goes through a gradio_client loopback whose heartbeat stream never ends, and uvicorn's
+                # graceful shutdown would then wait for it (see the report on serve_in_thread).
+                result = await s.call_tool("health", {})
                 return names, result.content[0].text
 
     names, text = asyncio.run(asyncio.wait_for(session(), 60))
-    assert {"generate", "batch", "structured", "health"} <= set(names)
-    assert "results" in text
+    assert {"generate", "batch", "structured", "health", "collect_garbage"} <= set(names)
+    assert "'status': 'ok'" in text and "'tier': 'free'" in text

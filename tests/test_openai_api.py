@@ -20,7 +20,9 @@ USER = [{"role": "user", "content": "Say something."}]
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    server = serve_in_thread(build_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))))
+    # Two prompts per request (the free tier allows one) so a batch of completions is covered too.
+    settings = Settings(tier="free", max_prompts=2, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    server = serve_in_thread(build_app(settings))
     assert server.service.wait_until_loaded(timeout=600), server.service.load_error
     yield server
     server.stop()
@@ -60,6 +62,16 @@ def test_completion(client, model):
     assert len(r.choices) == 1 and isinstance(r.choices[0].text, str)
     assert r.choices[0].finish_reason in ("stop", "length")
     assert_usage(r.usage, 8)
+
+
+def test_completion_of_a_batch_has_one_choice_per_prompt(client, model):
+    r = client.completions.create(model=model, prompt=["First prompt", "A second, longer prompt"], max_tokens=5,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and all(isinstance(c.text, str) for c in r.choices)
+    assert_usage(r.usage, 10)
+    events = list(client.completions.create(model=model, prompt=["One", "Two"], max_tokens=4, stream=True))
+    finished = [(c.index, c.finish_reason) for e in events for c in e.choices if c.finish_reason]
+    assert sorted(i for i, _ in finished) == [0, 1]
 
 
 def test_chat_completion(client, model):
@@ -124,11 +136,14 @@ def test_json_schema_answer_validates(client, model):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def test_json_object_answer_is_an_object(client, model):
-    chunks = list(client.chat.completions.create(model=model, messages=USER, seed=5, stream=True,
+def test_json_object_streams_as_one_chunk(client, model):
+    # Any object is allowed, so random weights rarely close one within the budget: either a
+    # complete object ("stop") or OpenAI's "length" for a truncated answer, never invalid JSON as "stop".
+    chunks = list(client.chat.completions.create(model=model, messages=USER, seed=5, stream=True, max_tokens=8,
                                                  response_format={"type": "json_object"}))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert isinstance(json.loads(text), dict)
+    assert [c.choices[0].delta.role for c in chunks] == ["assistant", None]
+    finish, text = chunks[-1].choices[0].finish_reason, chunks[-1].choices[0].delta.content
+    assert finish == "length" or (finish == "stop" and isinstance(json.loads(text), dict))
 
 
 @pytest.mark.parametrize("kwargs, error, param", [
@@ -152,7 +167,7 @@ def test_bad_chat_requests_get_openai_errors(client, model, kwargs, error, param
     assert body["type"] == "invalid_request_error" and body["param"] == param
 
 
-@pytest.mark.parametrize("prompt, limit", [("x" * 1001, "at most 1,000"), (["one", "two"], "at most 1 per request")])
+@pytest.mark.parametrize("prompt, limit", [("x" * 1001, "at most 1,000"), (["a", "b", "c"], "at most 2 per request")])
 def test_too_large_is_413_naming_the_limit(client, model, prompt, limit):
     with pytest.raises(openai.APIStatusError) as info:
         client.completions.create(model=model, prompt=prompt, max_tokens=4)

@@ -139,7 +139,8 @@ def test_batch_matches_each_prompt_alone(small_xla: TFGPT2Backend) -> None:
     # Sampling too: row i of a seeded batch uses seed + i.
     sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
     rows = small_xla.generate(PROMPTS, sampled)
-    assert rows[2].token_ids == small_xla.generate([PROMPTS[2]], SamplingParams(8, temperature=1.0, seed=9))[0].token_ids
+    third = small_xla.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, temperature=1.0, seed=9))[0]
+    assert rows[2].token_ids == third.token_ids
 
 
 def test_seed_reproducibility(tiny: TFGPT2Backend) -> None:

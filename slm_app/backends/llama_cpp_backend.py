@@ -404,9 +404,15 @@ class LlamaCppBackend(Backend):
             ids = [self._bos]
         return ids
 
+    def _check_open(self) -> None:
+        # Every native pointer dies with the model: using one after close() would crash.
+        if self._llama is None:
+            raise BackendUnavailable("the llama.cpp model has been closed")
+
     def count_tokens(self, text: str) -> int:
         # No lock: tokenizing only reads the vocabulary, and waiting for a running generation
         # here would stall the UI's limit checks.
+        self._check_open()
         return len(self._tokenize(self.format_prompt(text, self._settings.chat_template)))
 
     def _piece(self, token: int) -> bytes:
@@ -430,6 +436,7 @@ class LlamaCppBackend(Backend):
     def llguidance_tokenizer(self) -> Any:
         with self._llg_lock:  # building it walks the whole vocabulary (~1 s): once
             if self._llg_tokenizer is None:
+                self._check_open()
                 from llguidance.llamacpp import lltokenizer_from_vocab
 
                 # It calls llama_cpp's deprecated llama_token_get_attr once per token: 262k warnings.
@@ -570,6 +577,7 @@ class LlamaCppBackend(Backend):
         t_start = time.perf_counter()
         stats: dict[str, Any] = {"sequences": len(sequences), "ttft_s": None}
         try:
+            self._check_open()
             C.llama_memory_clear(self._memory, True)  # nothing of a previous request survives
             self._llama.reset()
             token_ids = [self._tokenize(self.format_prompt(p, params.use_chat_template)) for p in prompts]
@@ -628,7 +636,8 @@ class LlamaCppBackend(Backend):
             for seq in sequences:  # closed early, cancelled or failed: say so on what is left
                 if not seq.done:
                     seq.finish_reason = "cancelled"
-            C.llama_memory_clear(self._memory, True)
+            if self._llama is not None:
+                C.llama_memory_clear(self._memory, True)
             self.last_stats = stats
             self._lock.release()
 
@@ -637,6 +646,8 @@ class LlamaCppBackend(Backend):
     def info(self) -> dict[str, Any]:
         import llama_cpp
 
+        if self._llama is None:
+            return {"backend": self.name, "model": self._resolved.name, "status": "closed"}
         C, md, path = self._C, self._llama.metadata, self._resolved.path
         desc = ctypes.create_string_buffer(256)
         C.llama_model_desc(self._llama.model, desc, len(desc))

@@ -192,8 +192,8 @@ class _ModelFunctions:
             return tf.cast(out.logits[:, -1], tf.float32), past, mask[:, 1:]
 
         self._tf = tf
-        self._functions = {jit: {_PREFILL: tf.function(prefill, jit_compile=jit), _STEP: tf.function(step, jit_compile=jit)}
-                           for jit in (True, False)}
+        self._functions = {jit: {_PREFILL: tf.function(prefill, jit_compile=jit),
+                                 _STEP: tf.function(step, jit_compile=jit)} for jit in (True, False)}
         self._concrete: dict[tuple, Any] = {}
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
