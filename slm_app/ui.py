@@ -152,9 +152,13 @@ def build_ui(service: GenerationService) -> gr.Blocks:
             s_raw = gr.Textbox(label="Raw model output", lines=3)
             s_preset.change(lambda name: json.dumps(PRESETS[name], indent=2), s_preset, s_schema,
                             api_visibility="private", queue=False)
-            s_button.click(structured, [s_prompt, s_schema, s_tokens, s_temp, s_seed], s_out,
-                           api_name="structured", **model_events).then(
-                _structured_view, s_out, [s_status, s_raw], api_visibility="private", queue=False)
+            s_event = s_button.click(structured, [s_prompt, s_schema, s_tokens, s_temp, s_seed], s_out,
+                                     api_name="structured", **model_events)
+            # .success/.failure, not .then: after a refused request the status must not redraw the
+            # previous (successful) result that is still in the JSON box.
+            s_event.success(_structured_view, s_out, [s_status, s_raw], api_visibility="private", queue=False)
+            s_event.failure(lambda: ("❌ Request refused: see the error message.", ""), None, [s_status, s_raw],
+                            api_visibility="private", queue=False)
 
         with gr.Tab("Health & Memory"):
             with gr.Row():

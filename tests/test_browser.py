@@ -144,7 +144,9 @@ def watch_run(component_block) -> None:
                     get() { return proto.get.call(this); },
                     set(v) {
                         const r = window.__run;
-                        if (r && !r.done && v !== proto.get.call(this)) { r.assigned.push(v); r.assigned_at.push(now()); }
+                        if (r && !r.done && v !== proto.get.call(this)) {
+                            r.assigned.push(v); r.assigned_at.push(now());
+                        }
                         proto.set.call(this, v);
                     },
                 });
@@ -206,18 +208,18 @@ def test_generate_streams_text_into_the_output(page, screenshots) -> None:
     tab.get_by_label("Max new tokens (1–32)").fill("32")  # the free tier's cap: the longest stream
     tab.get_by_label("Seed (-1 = random)").fill("7")
     output = tab.get_by_label("Generated text")
-    arm_recorder(output)
+    watch_run(block(tab, "Generated text"))
     tab.get_by_role("button", name="Generate", exact=True).click()
-    run_finished(page)
+    run = run_finished(page)
 
-    run = page.evaluate("() => window.__run")
     final = output.input_value()
     assert not run["error"], "the generation ended in an error"
     assert final.strip(), "no text appeared in 'Generated text'"
     painted = [v for v in run["painted"] if v]
     assigned = [v for v in run["assigned"] if v]
     print(f"\nstreaming: 'Generated text' took {len(assigned)} distinct values (written at ms {run['assigned_at']}), "
-          f"{len(painted)} of them seen by 10 ms sampling (at ms {run['times'][:-1]}); run over at {run['times'][-1]} ms")
+          f"{len(painted)} of them seen by 10 ms sampling (at ms {run['painted_at']}); "
+          f"run over at {run['ended_at']} ms")
     assert painted and painted[-1] == final and assigned[-1] == final
     # Streamed: the box held partial texts before the full one, each extending the previous.
     for values in (painted, assigned):
@@ -229,12 +231,14 @@ def test_generate_streams_text_into_the_output(page, screenshots) -> None:
 def test_generate_empty_prompt_shows_error_and_app_keeps_working(page) -> None:
     tab = open_tab(page, "Generate")
     prompt = tab.get_by_label("Prompt", exact=True)
+    output_block = block(tab, "Generated text")
     prompt.fill("")
-    output = tab.get_by_label("Generated text")
+    watch_run(output_block)
     tab.get_by_role("button", name="Generate", exact=True).click()
     toast = page.get_by_test_id("toast-body").filter(has_text="prompt is empty")
     expect(toast).to_be_visible()
     expect(toast).to_contain_text("Error")
+    assert run_finished(page)["error"], "the output box does not show the error"
     toast.get_by_role("button", name="Close", exact=True).click()
     expect(toast).to_have_count(0)
 
@@ -242,12 +246,12 @@ def test_generate_empty_prompt_shows_error_and_app_keeps_working(page) -> None:
     prompt.fill("A second try")
     tab.get_by_label("Max new tokens (1–32)").fill("8")
     tab.get_by_label("Seed (-1 = random)").fill("-1")
-    arm_recorder(output)
+    watch_run(output_block)
     tab.get_by_role("button", name="Generate", exact=True).click()
-    run_finished(page)
-    assert not page.evaluate("() => window.__run.error")
-    expect(output).not_to_have_value("")
-    expect(block(tab, "Generated text").get_by_text("Error", exact=True)).to_have_count(0)
+    run = run_finished(page)
+    assert not run["error"] and run["assigned"], run
+    expect(tab.get_by_label("Generated text")).to_have_value(run["assigned"][-1])
+    expect(output_block.get_by_text("Error", exact=True)).to_have_count(0)
     expect(page.get_by_test_id("toast-body")).to_have_count(0)
 
 
@@ -255,9 +259,11 @@ def test_batch_returns_one_result(page, screenshots) -> None:
     tab = open_tab(page, "Batch")
     tab.get_by_label("Prompts, one per line (at most 1)").fill("The weather today is")
     tab.get_by_label("Max new tokens (1–32)").fill("8")
-    tab.get_by_role("button", name="Run batch").click()
     results = block(tab, "Results")
-    expect(results.locator(".json-holder")).to_contain_text('"results"', timeout=LONG)
+    watch_run(results)
+    tab.get_by_role("button", name="Run batch").click()
+    assert not run_finished(page)["error"]
+    expect(results.locator(".json-holder")).to_contain_text('"results"')
     # The tree: {"results": [<one string>]} -- one key at depth 1, one item at depth 2.
     depth1 = results.locator('.json-node[style*="--depth: 1"]')
     expect(depth1).to_have_count(1)
@@ -268,6 +274,10 @@ def test_batch_returns_one_result(page, screenshots) -> None:
     screenshot(page, screenshots, "batch")
 
 
+def structured_status(tab):
+    return tab.locator("p").filter(has_text=re.compile(r"Validated against the schema|Not valid"))
+
+
 def test_structured_preset_then_validated_json(page, screenshots) -> None:
     tab = open_tab(page, "Structured JSON")
     editor = tab.get_by_role("textbox", name="Code input container")
@@ -276,27 +286,47 @@ def test_structured_preset_then_validated_json(page, screenshots) -> None:
     assert json.loads(editor.inner_text()) == PRESETS[current]
     before = editor.text_content()
     dropdown.click()
-    options = page.get_by_role("option")
-    expect(options.first).to_be_visible()
+    expect(page.get_by_role("option").first).to_be_visible()
     chosen = next(name for name in PRESETS if name != current)
     page.get_by_role("option", name=chosen, exact=True).click()
     expect(dropdown).to_have_value(chosen)
     expect(editor).not_to_have_text(before)  # the preset's schema replaced the editor's content
     assert json.loads(editor.inner_text()) == PRESETS[chosen]
 
-    tab.get_by_role("button", name="Generate JSON").click()
-    status = tab.locator("p").filter(has_text=re.compile(r"Validated against the schema|Not valid"))
-    expect(status).to_be_visible(timeout=LONG)
     result = block(tab, "Result")
+    watch_run(result)
+    tab.get_by_role("button", name="Generate JSON").click()
+    assert not run_finished(page)["error"], "the structured request was refused"
+    status = structured_status(tab)
+    expect(status).to_be_visible()
     expect(result.locator(".json-holder")).to_contain_text('"success"')
     text = json_text(result)
     screenshot(page, screenshots, "structured_json")
     assert '"success": true' in text, f"structured generation failed: {status.inner_text()!r} / {text!r}"
+    assert '"error": null' in text, text
     expect(status).to_contain_text("Validated against the schema")
-    # The raw output box shows what the model wrote (ui._structured_view reads result["raw_text"]).
+
     raw = tab.get_by_label("Raw model output")
     expect(raw).not_to_have_value("", timeout=2_000)
     json.loads(raw.input_value())  # it validated, so it parses
+
+
+def test_structured_bad_schema_shows_error(page) -> None:
+    tab = open_tab(page, "Structured JSON")
+    editor = tab.get_by_role("textbox", name="Code input container")
+    editor.fill('{"type": "nonsense"}')
+    assert json.loads(editor.inner_text()) == {"type": "nonsense"}
+    result = block(tab, "Result")
+    watch_run(result)
+    tab.get_by_role("button", name="Generate JSON").click()
+    toast = page.get_by_test_id("toast-body").filter(has_text="schema:")
+    expect(toast).to_be_visible()
+    assert run_finished(page)["error"], "the Result box does not show the error"
+    toast.get_by_role("button", name="Close", exact=True).click()
+    expect(toast).to_have_count(0)
+    # The status line must not still vouch for an earlier run's output.
+    expect(tab.locator("p").filter(has_text="Validated against the schema")).to_have_count(0, timeout=2_000)
+    expect(tab.locator("p").filter(has_text="Request refused")).to_have_count(1)
 
 
 def test_health_refresh_gc_and_memory_plot(page, screenshots) -> None:

@@ -309,7 +309,9 @@ class LlamaCppBackend(Backend):
         self._bos_text = llama._model.token_get_text(self._bos) if self._bos != -1 else ""
         self._piece_buf = ctypes.create_string_buffer(256)
         self._pieces: dict[int, bytes] = {}
-        self._lock = threading.Lock()  # held by a decode generator for its whole life
+        # Held by a decode generator for its whole life. A Lock, not an RLock: Gradio may resume a
+        # generator on another worker thread, and the thread that closes it must be able to release.
+        self._lock = threading.Lock()
         self._llg_lock = threading.Lock()
         self._llg_tokenizer: Any = None
         self.last_stats: dict[str, Any] = {}
