@@ -6,12 +6,17 @@ Routes (all JSON unless said otherwise):
 
 * ``POST /generate`` ``{"prompts": [str, ...] | str, "max_tokens": int, "temperature": float}`` →
   ``{"results": [str, ...]}``, one result per prompt, in order. A single string is one prompt (it is
-  not split into lines); ``max_tokens`` defaults to the tier's limit, ``temperature`` to 0.8.
+  not split into lines) and a blank one is refused; ``max_tokens`` defaults to the tier's limit,
+  ``temperature`` to 0.8; an unknown field is a 400 (a typo must not fall back to a default).
 * ``GET /health`` → ``GenerationService.health()``: 200 while ``status`` is ``"ok"``, 503 with the same
   body (``status`` ``"loading"`` or ``"error"``, ``reason`` says why) otherwise.
-* ``GET /metrics`` → Prometheus text exposition of the app's own registry.
+* ``GET /metrics`` → Prometheus text of the app's own registry: ``slm_requests_total{endpoint,outcome}``
+  (generations: ok / cancelled / busy / error...), ``slm_http_requests_total{route,status}`` (every API
+  call, refused ones included), ``slm_generated_tokens_total``, latency and time-to-first-token
+  histograms, ``slm_process_rss_bytes``, ``slm_model_loaded``.
 * Errors: ``{"error": "<message>", "status": <int>}`` with that HTTP status: 400 bad request (pydantic
-  validation errors included), 401 missing/wrong key, 413 too large, 429 busy, 503 model not ready,
+  validation errors included), 401 missing/wrong key, 413 too large (a tier limit, or a body over
+  1 MiB), 429 busy, 503 model not ready,
   500 unexpected (logged; the server keeps serving).
 
 Authentication: when ``SLM_API_KEY`` is set, ``/generate``, ``/metrics`` and every ``/v1`` route need
@@ -199,7 +204,7 @@ async def generation_steps(service: GenerationService, endpoint: str, prompts: S
                 if cancel.is_set():
                     break
             post(end)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the event loop side
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side, which would otherwise wait on
             post(exc)
         finally:
             steps.close()
@@ -214,14 +219,6 @@ async def generation_steps(service: GenerationService, endpoint: str, prompts: S
                 return
     finally:
         cancel.set()
-
-
-async def generate_all(service: GenerationService, endpoint: str, prompts: Sequence[str],
-                       params: SamplingParams, request: Request | None = None) -> list[GeneratedSequence]:
-    seqs: list[GeneratedSequence] = []
-    async for seqs in generation_steps(service, endpoint, prompts, params, request):
-        pass
-    return seqs
 
 
 # ---- the REST contract --------------------------------------------------------------------------

@@ -21,6 +21,11 @@ from slm_app.settings import Settings, load_settings  # noqa: E402
 from slm_app.ui import build_ui  # noqa: E402
 
 
+# Gradio's own clients (MCP tool calls, open browser tabs) keep heartbeat streams open that never end
+# by themselves; without a bound, uvicorn's graceful shutdown waits on them forever.
+GRACEFUL_SHUTDOWN_S = 5
+
+
 def build_app(settings: Settings | None = None, load_model: bool = True) -> FastAPI:
     """The ASGI app: HTTP routes first, then Gradio mounted at "/". The model loads in the background
     so the page and /health answer at once (health says "loading" until it is ready)."""
@@ -59,7 +64,8 @@ class RunningServer:
 
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Start uvicorn in a daemon thread on ``port`` (0 = a free one) and wait until it listens."""
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

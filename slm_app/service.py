@@ -201,7 +201,7 @@ class GenerationService:
                     if ttft is None:
                         ttft = time.perf_counter() - start
                     yield seqs
-                outcome = "ok"
+                outcome = "cancelled" if cancel is not None and cancel.is_set() else "ok"
             except GeneratorExit:
                 outcome = "cancelled"
                 raise

@@ -77,7 +77,19 @@ def build_ui(service: GenerationService) -> gr.Blocks:
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_p: float, seed: float | None,
                  top_k: float = 0, stop: str = "", use_chat_template: bool = True,
                  repeat_penalty: float = 1.0) -> Iterator[str]:
-        """Continue a prompt, streaming the text as it is generated. Returns the full generated text."""
+        """Continue a prompt, streaming the text as it is generated. Returns the full generated text.
+
+        Args:
+            prompt: The text to continue.
+            max_new_tokens: Tokens to generate, from 1 to the tier's limit.
+            temperature: 0 is greedy (deterministic); higher is more random.
+            top_p: Nucleus sampling in (0, 1]; 1 turns it off.
+            seed: A whole number for reproducible sampling; -1 for random.
+            top_k: Sample only among the k most likely tokens; 0 turns it off.
+            stop: Stop sequences separated by "|"; generation ends before the first one.
+            use_chat_template: Wrap the prompt in the model's chat template when it has one (llama.cpp).
+            repeat_penalty: Above 1 discourages repeating tokens already generated.
+        """
         stops = [s for s in (stop or "").split("|") if s]
         yield from service.generate_stream(prompt, max_new_tokens, temperature, top_p, seed, top_k=top_k,
                                            stop=stops, use_chat_template=use_chat_template,
@@ -85,13 +97,27 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
     @_user_errors
     def batch(prompts: str, max_new_tokens: float, temperature: float) -> dict[str, list[str]]:
-        """Generate for several prompts (one per line) in one batch; results come back in order."""
+        """Generate for several prompts (one per line) in one batch; results come back in order.
+
+        Args:
+            prompts: One prompt per line; blank lines are skipped. At most the tier's prompt limit.
+            max_new_tokens: Tokens to generate per prompt, from 1 to the tier's limit.
+            temperature: 0 is greedy (deterministic); higher is more random.
+        """
         return {"results": [s.text for s in service.batch(prompts, max_new_tokens, temperature)]}
 
     @_user_errors
     def structured(prompt: str, schema: str, max_new_tokens: float, temperature: float,
                    seed: float | None) -> dict[str, Any]:
-        """Generate JSON that validates against the given JSON Schema (constrained decoding, then jsonschema)."""
+        """Generate JSON that validates against the given JSON Schema (constrained decoding, then jsonschema).
+
+        Args:
+            prompt: What the JSON should be about.
+            schema: A JSON Schema, as JSON text. Only local "$ref"s (#/...) are allowed.
+            max_new_tokens: Token budget for the JSON, from 1 to the tier's structured-output limit.
+            temperature: 0 is greedy; higher is more random.
+            seed: A whole number for reproducible sampling; -1 for random.
+        """
         return service.structured(prompt, schema, max_new_tokens, temperature, seed)
 
     def health() -> dict[str, Any]:
