@@ -456,9 +456,10 @@ class StructuredResult:
     raw_text: str = ""  # the last attempt's output, valid or not
 
     def to_api(self) -> dict[str, Any]:
+        # The documented seven fields, plus the model's raw text (what a failure looked like; the UI shows it).
         return {"success": self.success, "data": self.data, "error": self.error, "relaxed": self.relaxed,
                 "model_used": self.model_used, "inference_time_ms": round(self.inference_time_ms, 1),
-                "tokens": self.tokens}
+                "tokens": self.tokens, "raw_text": self.raw_text}
 
 
 class StructuredOutputError(RuntimeError):

@@ -236,6 +236,7 @@ def test_mask_is_fast_on_gpt2(tok) -> None:
     assert ms < 5
 
 
+@pytest.mark.llama
 @pytest.mark.filterwarnings("ignore:llama_token_get_attr is deprecated:DeprecationWarning")
 def test_mask_is_fast_on_a_262k_vocabulary() -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
