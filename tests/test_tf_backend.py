@@ -26,7 +26,7 @@ FREE = TIER_PROFILES[Tier.free]  # float16, aggressive GC
 # The shared tiny backend skips the free tier's gc.collect() after every decode (~0.3 s each with
 # TensorFlow loaded); the warm-up and fallback tests load the real free profile.
 FREE_NO_GC = FREE.model_copy(update={"aggressive_gc": False})
-STANDARD_FP32 = TIER_PROFILES[Tier.standard]  # float16=False, batch buckets 1 and 4
+STANDARD_FP32 = TIER_PROFILES[Tier.standard]  # float16=False, batch buckets 1 and 3
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there"]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
 
@@ -90,6 +90,9 @@ def test_offline_tiny_build_is_deterministic_and_complete(tiny_dir: Path, tmp_pa
 
 
 def test_tiny_info_says_random_weights(tiny: TFGPT2Backend) -> None:
+    import tf_keras
+
+    assert tf_keras.mixed_precision.global_policy().name == "float32", "float16 policy leaked out of load()"
     info = tiny.info()
     assert info["random_weights"] is True and info["source"] == "local"
     assert info["dtype"] == "float16" and info["n_params"] == 102_714

@@ -280,7 +280,9 @@ class TFGPT2Backend(Backend):
         longest_prompt = min(lim.max_prompt_tokens, self._n_positions)
         longest_context = min(lim.max_prompt_tokens + max(lim.max_new_tokens, lim.max_structured_tokens),
                               self._n_positions)
-        self._batch_buckets = sorted({1, _pow2(lim.max_prompts)})
+        # Exactly max_prompts rather than a power of two: a filler row costs a full row of compute
+        # and KV cache (standard: 4 rows instead of 3 was +400 MB RSS after warm-up).
+        self._batch_buckets = sorted({1, lim.max_prompts})
         self._prompt_buckets = [b for b in self._ladder if b <= _bucket(longest_prompt, self._ladder)]
         self._context_buckets = [b for b in self._ladder if b <= _bucket(longest_context, self._ladder)]
         self._fns = _ModelFunctions(self._tf, model, xla=settings.xla)
