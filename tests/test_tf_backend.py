@@ -109,21 +109,21 @@ def test_tiny_id_falls_back_to_offline_build(tiny_dir: Path, cache_dir: Path, tm
     backend = TFGPT2Backend.load(FREE, Settings(cache_dir=str(cache_dir), warmup=False), TINY_GPT2_ID)
     try:
         info = backend.info()
-        assert info["source"] == "offline-fallback" and info["path"] == str(tiny_dir)
+        assert info["source"] == "offline-fallback" and info["model_path"] == str(tiny_dir)
         assert "HF_HUB_OFFLINE" in info["reason"] and info["random_weights"] is True
     finally:
         backend.close()
 
 
-def test_unknown_model_is_unavailable_with_reason(cache_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_unknown_model_is_unavailable_with_reason(tmp_path: Path, monkeypatch) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(BackendUnavailable, match="HF_HUB_OFFLINE is set"):
-        TFGPT2Backend.load(TIER_PROFILES[Tier.standard], Settings(cache_dir=str(cache_dir), warmup=False),
+        TFGPT2Backend.load(TIER_PROFILES[Tier.standard], Settings(cache_dir=str(tmp_path), warmup=False),
                            "acme/no-such-gpt2")
-    assert not offline_tiny_gpt2_dir(tmp_path).exists()
+    assert not offline_tiny_gpt2_dir(tmp_path).exists(), "only tiny-gpt2 may fall back to the local build"
 
 
 def test_greedy_is_deterministic_and_xla_matches_graph(small_xla: TFGPT2Backend, small_graph: TFGPT2Backend) -> None:

@@ -356,11 +356,12 @@ class TFGPT2Backend(Backend):
 
     def info(self) -> dict[str, Any]:
         r, fns = self._resolved, self._fns
+        # No "path" key: gradio_client takes any dict with a "path" string for a file to download.
         return {
             "backend": self.name,
             "model": self.model_id,
             "resolved_as": r.name,
-            "path": str(r.path),
+            "model_path": str(r.path),
             "source": r.source,
             "reason": r.reason,
             "random_weights": self._random_weights,
