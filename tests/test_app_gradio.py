@@ -8,16 +8,8 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from slm_app.server import build_app, serve_in_thread
+from conftest import launch_app
 from slm_app.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def free_app(tmp_path_factory):
-    server = serve_in_thread(build_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))))
-    assert server.service.wait_until_loaded(timeout=600), server.service.load_error
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +112,7 @@ def test_structured_endpoint_returns_validated_json(client: Client) -> None:
 
 
 def test_standard_tier_without_weights_starts_and_says_why(tmp_path) -> None:
-    server = serve_in_thread(build_app(Settings(tier="standard", cache_dir=str(tmp_path))))
-    try:
-        server.service.wait_until_loaded(timeout=120)
+    with launch_app(Settings(tier="standard", cache_dir=str(tmp_path)), expect_loaded=False) as server:
         client = Client(server.url, verbose=False)
         h = client.predict(api_name="/health")
         assert h["tier"] == "standard" and h["model_loaded"] is False and h["status"] == "error"
@@ -130,5 +120,3 @@ def test_standard_tier_without_weights_starts_and_says_why(tmp_path) -> None:
         with pytest.raises(AppError) as err:
             client.predict("Hi", 8, 0.8, 1.0, -1, api_name="/generate")
         assert "model not loaded" in str(err.value)
-    finally:
-        server.stop()

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
 from slm_app.presets import PRESETS
-from slm_app.server import build_app, serve_in_thread
-from slm_app.settings import Settings
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 expect = playwright_sync.expect
@@ -37,19 +34,13 @@ LONG = 60_000    # ms: anything that runs the model
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.timeout(300),
-    pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason=f"no system Chromium at {CHROMIUM}"),
 ]
 
 
 # ---- fixtures: one server, one browser, one page per module --------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    running = serve_in_thread(build_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))))
-    try:
-        assert running.service.wait_until_loaded(timeout=600), running.service.load_error
-        yield running
-    finally:
-        running.stop()
+def server(free_app):
+    return free_app
 
 
 @pytest.fixture(scope="module")

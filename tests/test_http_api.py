@@ -18,11 +18,8 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    server = serve_in_thread(build_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))))
-    assert server.service.wait_until_loaded(timeout=600), server.service.load_error
-    yield server
-    server.stop()
+def app(free_app):
+    return free_app
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from slm_app.server import build_app, serve_in_thread
+from conftest import launch_app
 from slm_app.settings import Settings
 
 USER = [{"role": "user", "content": "Say something."}]
@@ -22,10 +22,8 @@ USER = [{"role": "user", "content": "Say something."}]
 def app(tmp_path_factory):
     # Two prompts per request (the free tier allows one) so a batch of completions is covered too.
     settings = Settings(tier="free", max_prompts=2, cache_dir=str(tmp_path_factory.mktemp("cache")))
-    server = serve_in_thread(build_app(settings))
-    assert server.service.wait_until_loaded(timeout=600), server.service.load_error
-    yield server
-    server.stop()
+    with launch_app(settings) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

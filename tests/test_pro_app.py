@@ -11,7 +11,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from slm_app.presets import PRESETS
-from slm_app.server import build_app, serve_in_thread
+from conftest import launch_app
 from slm_app.settings import Settings
 
 pytestmark = pytest.mark.llama
@@ -20,10 +20,8 @@ pytestmark = pytest.mark.llama
 @pytest.fixture(scope="module")
 def pro_app():
     # The default pro model is on the hub, which is unreachable here: the embedded GGUF is the fallback.
-    server = serve_in_thread(build_app(Settings(tier="pro")))
-    assert server.service.wait_until_loaded(timeout=600), server.service.load_error
-    yield server
-    server.stop()
+    with launch_app(Settings(tier="pro")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +90,9 @@ def test_structured_presets_validate_on_llama(client: Client, preset: str) -> No
 def test_corrupt_gguf_is_reported_not_fatal(tmp_path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + bytes(range(256)) * 40)
-    server = serve_in_thread(build_app(Settings(tier="pro", model=str(bad))))
-    try:
-        server.service.wait_until_loaded(timeout=120)
+    with launch_app(Settings(tier="pro", model=str(bad)), expect_loaded=False) as server:
         client = Client(server.url, verbose=False)
         h = client.predict(api_name="/health")
         assert h["model_loaded"] is False and h["status"] == "error" and "broken.gguf" in h["reason"]
         with pytest.raises(AppError, match="model not loaded"):
             client.predict("Hi", 8, 0.8, 1.0, -1, api_name="/generate")
-    finally:
-        server.stop()

@@ -47,8 +47,8 @@ def test_empty_temperature_range_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "memory_mb, has_llama, expected",
-    [(24_000, True, Tier.pro), (24_000, False, Tier.standard), (4_000, True, Tier.standard),
-     (2_000, True, Tier.free), (512, False, Tier.free)],
+    [(24_000, True, Tier.pro), (24_000, False, Tier.standard), (4_500, True, Tier.standard),
+     (3_000, True, Tier.free), (512, False, Tier.free)],
 )
 def test_auto_tier_follows_memory_and_installs(memory_mb: float, has_llama: bool, expected: Tier) -> None:
     tier, reason = pick_auto_tier(memory_mb, has_llama)

@@ -425,7 +425,7 @@ def test_generate_structured_success_and_api_shape(backend) -> None:
     assert result.success and result.error is None and not result.relaxed
     assert validate_output(result.raw_text, SMALL) == (result.data, None)
     api = result.to_api()
-    assert set(api) == {"success", "data", "error", "relaxed", "model_used", "inference_time_ms", "tokens"}
+    assert set(api) == {"success", "data", "error", "relaxed", "model_used", "inference_time_ms", "tokens", "raw_text"}
     assert api["model_used"] == "test/random-logits" and api["tokens"] == result.tokens > 0
     assert backend.seeds == [1]
 

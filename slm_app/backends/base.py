@@ -150,7 +150,10 @@ class Sampler:
             cum = np.cumsum(probs[order])
             keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
             idx, probs = idx[keep], probs[keep] / probs[keep].sum()
-        return int(idx[self.rng.choice(idx.size, p=probs)])
+        # Inverse-CDF draw: one uniform number, same distribution as rng.choice(p=...) at a
+        # fraction of its cost over a 50k-262k candidate set.
+        pick = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
+        return int(idx[min(pick, idx.size - 1)])
 
 
 def apply_stop(seq: GeneratedSequence, stop: Sequence[str]) -> bool:

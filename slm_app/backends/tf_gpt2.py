@@ -38,7 +38,7 @@ import numpy as np
 from slm_app.backends.base import (Backend, BackendUnavailable, GeneratedSequence, Sampler, SamplingParams,
                                    TokenConstraint, apply_stop)
 from slm_app.model_resolution import TF_MODEL_FILES, ResolvedModel, resolve_hf_model
-from slm_app.settings import Settings, TierLimits, TierProfile
+from slm_app.settings import Settings, TierProfile, effective_limits
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +236,6 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _effective_limits(profile: TierProfile, settings: Settings) -> TierLimits:
-    """The tier's limits after SLM_* overrides (as ``settings.resolve_tier`` computes them)."""
-    overrides = {k: v for k in TierLimits.model_fields if (v := getattr(settings, k, None)) is not None}
-    return profile.limits.model_copy(update=overrides)
-
-
 def _stable_text(text: str, stop: Sequence[str]) -> str:
     """What may be shown while generation runs, so streamed text only ever grows.
 
@@ -276,7 +270,7 @@ class TFGPT2Backend(Backend):
         self._dtype = model.weights[0].dtype.name
         self._ladder = tuple(b for b in LENGTH_BUCKETS if b < self._n_positions) + (self._n_positions,)
         # Buckets this tier's requests can reach: warmed (compiled) at load so no request compiles.
-        lim = _effective_limits(profile, settings)
+        lim = effective_limits(profile, settings)
         longest_prompt = min(lim.max_prompt_tokens, self._n_positions)
         longest_context = min(lim.max_prompt_tokens + max(lim.max_new_tokens, lim.max_structured_tokens),
                               self._n_positions)
@@ -399,12 +393,9 @@ class TFGPT2Backend(Backend):
             raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
         # Held for the generator's whole life, so concurrent callers run one after the other:
         # interleaved steps would only slow both down on 2 cores and race on the function cache.
+        # (The free tier's aggressive gc runs once per request in slm_app.service, not here.)
         with self._lock:
-            try:
-                yield from self._decode(list(prompts), params, constraints, cancel)
-            finally:
-                if self._profile.aggressive_gc:
-                    gc.collect()
+            yield from self._decode(list(prompts), params, constraints, cancel)
 
     # ---- the decode loop -------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
