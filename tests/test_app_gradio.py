@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from conftest import launch_app
+from slm_app.presets import PRESETS
 from slm_app.settings import Settings
 
 
@@ -109,6 +111,29 @@ def test_structured_endpoint_returns_validated_json(client: Client) -> None:
               "additionalProperties": False}
     out = client.predict("Answer", json.dumps(schema), 32, 0.7, 1, api_name="/structured")
     assert out["success"] is True and isinstance(out["data"]["ok"], bool) and out["error"] is None
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_structured_presets_validate_on_tensorflow(client: Client, preset: str) -> None:
+    schema = PRESETS[preset]
+    out = client.predict("Describe a small language model.", json.dumps(schema), 96, 0.7, 0, api_name="/structured")
+    assert out["success"] is True, out["error"]
+    jsonschema.validate(out["data"], schema)
+    assert json.loads(out["raw_text"]) == out["data"]
+
+
+def test_structured_bad_schema_and_remote_ref_are_refused(client: Client) -> None:
+    with pytest.raises(AppError, match="invalid JSON at line 1, column 19"):
+        client.predict("x", '{"type": "object",', 32, 0.7, 0, api_name="/structured")
+    remote = {"type": "object", "properties": {"a": {"$ref": "https://example.com/schema.json"}}}
+    with pytest.raises(AppError, match=r"\$ref"):
+        client.predict("x", json.dumps(remote), 32, 0.7, 0, api_name="/structured")
+
+
+def test_structured_tiny_budget_reports_truncation(client: Client) -> None:
+    schema = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 50}}, "required": ["essay"]}
+    out = client.predict("Write", json.dumps(schema), 4, 0.7, 0, api_name="/structured")
+    assert out["success"] is False and out["data"] is None and "truncated at 4 tokens" in out["error"]
 
 
 def test_standard_tier_without_weights_starts_and_says_why(tmp_path) -> None:
