@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--app-url", help="a running app (python -m slm_app ...) to stream /generate from")
+    ap.add_argument("--app-url", help="a running app (python app.py) to stream /generate from")
     ap.add_argument("--worker", choices=["bare", "backend"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
