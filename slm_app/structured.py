@@ -61,6 +61,9 @@ _DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
 # Keywords whose values map names to subschemas: the names are not keywords.
 _NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas",
                         "dependencies"})
+# Keywords under which narrowing a subschema could widen or change the whole schema's meaning.
+_UNBOUNDABLE = frozenset({"not", "if", "then", "else", "contains", "propertyNames", "unevaluatedItems",
+                          "unevaluatedProperties"})
 _ANNOTATIONS = frozenset({"title", "description", "examples", "example", "$comment", "default"})
 
 
@@ -255,13 +258,53 @@ _cache: OrderedDict[tuple[str, int], CompiledSchema] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer) -> CompiledSchema:
-    """Compile for ``tokenizer``, relaxing only if strict compilation is refused. Cached (LRU)."""
+def budget_bounds(budget: int) -> tuple[int, int]:
+    """(characters per unbounded string, items per unbounded array) for a token budget."""
+    return min(max(budget, 16), 512), min(max(budget // 16, 4), 64)
+
+
+def bound_for_budget(node: Any, budget: int) -> Any:
+    """The schema with its unbounded strings and arrays bounded, for the grammar only.
+
+    A small model (or one caught in a loop: ``["id","id","id",...``) can spend any token budget
+    inside one string or array before the JSON closes. Adding ``maxLength``/``maxItems`` where the
+    schema sets none only narrows what may be generated, so every output is still valid against
+    the user's schema, which validation keeps using unchanged. ``not``/``if``/``contains`` and the
+    like are left alone: narrowing inside them could widen or change what the whole schema means.
+    """
+    if isinstance(node, list):
+        return [bound_for_budget(item, budget) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _DATA_KEYWORDS or key in _UNBOUNDABLE:
+            out[key] = value
+        elif key in _NAME_MAPS and isinstance(value, dict):
+            out[key] = {name: bound_for_budget(sub, budget) for name, sub in value.items()}
+        else:
+            out[key] = bound_for_budget(value, budget)
+    types = out.get("type")
+    types = set(types) if isinstance(types, list) else {types}
+    max_chars, max_items = budget_bounds(budget)
+    if "string" in types and not any(k in out for k in ("maxLength", "pattern", "format", "enum", "const")):
+        out["maxLength"] = max(max_chars, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)
+    if "array" in types and "maxItems" not in out:
+        out["maxItems"] = max(max_items, out.get("minItems", 0) if isinstance(out.get("minItems"), int) else 0)
+    return out
+
+
+def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int | None = None) -> CompiledSchema:
+    """Compile for ``tokenizer``, relaxing only if strict compilation is refused. Cached (LRU).
+
+    With a token ``budget``, the grammar bounds unbounded strings and arrays (``bound_for_budget``).
+    """
     # "x-guidance" would let a user switch our options (lenient, whitespace) behind the ladder's back.
     schema = {k: v for k, v in schema.items() if k != "x-guidance"}
+    grammar_schema = schema if budget is None else bound_for_budget(schema, budget)
     # Key order stays: it is the output's property order. The entry keeps the tokenizer alive,
     # so its id() cannot be reused by another tokenizer while the entry exists.
-    key = (json.dumps(schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer))
+    key = (json.dumps(grammar_schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer))
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
             _cache.move_to_end(key)
@@ -269,7 +312,7 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer) -> CompiledS
     errors: list[str] = []
     start = time.perf_counter()
     for mode, options in _LADDER:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={**_COMPACT, **options})
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(grammar_schema, overrides={**_COMPACT, **options})
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_PARSER_LIMITS)
         elapsed = (time.perf_counter() - start) * 1000
         if matcher.is_error():
@@ -516,7 +559,7 @@ def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limi
                          f"output); got {max_new_tokens}")
     start = time.perf_counter()
     schema = parse_schema(schema_text, limits)
-    compiled = compile_schema(schema, backend.llguidance_tokenizer())
+    compiled = compile_schema(schema, backend.llguidance_tokenizer(), budget=max_new_tokens)
     full_prompt = build_prompt(backend, prompt, compiled.schema, limits)
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1

@@ -601,3 +601,35 @@ def test_real_schemas_accept_valid_and_reject_invalid_instances(tok, hf) -> None
     assert counts["subsets"] >= 8 and counts["schemas"] == 40
     assert counts["valid_accepted"] >= 0.9 * counts["valid"] and counts["valid"] >= 40
     assert counts["invalid_rejected"] == counts["invalid"] >= 40
+
+
+def test_budget_bounds_narrow_only_unbounded_strings_and_arrays() -> None:
+    from slm_app.structured import bound_for_budget, budget_bounds
+
+    schema = {"type": "object", "properties": {
+        "free": {"type": "string"},
+        "long": {"type": "string", "minLength": 700},
+        "code": {"type": "string", "pattern": "^[A-Z]+$"},
+        "tags": {"type": "array", "items": {"type": ["string", "null"]}},
+        "few": {"type": "array", "maxItems": 2, "items": {"type": "integer"}},
+        "neg": {"not": {"type": "string"}}},
+        "enum": [{"type": "string"}]}
+    chars, items = budget_bounds(96)
+    out = bound_for_budget(schema, 96)
+    props = out["properties"]
+    assert props["free"]["maxLength"] == chars == 96 and props["long"]["maxLength"] == 700
+    assert "maxLength" not in props["code"] and props["few"] == schema["properties"]["few"]
+    assert props["tags"]["maxItems"] == items == 6 and props["tags"]["items"]["maxLength"] == chars
+    assert props["neg"] == {"not": {"type": "string"}} and out["enum"] == [{"type": "string"}]
+    assert "maxLength" not in schema["properties"]["free"]  # the user's schema is not modified
+
+
+def test_bounded_grammar_finishes_where_unbounded_runs_out(backend) -> None:
+    # Random logits almost never close a free-text string; the budget bound makes them close.
+    schema = {"type": "object", "properties": {"note": {"type": "string"}, "tags": {"type": "array",
+              "items": {"type": "string"}}}, "required": ["note", "tags"]}
+    result = generate_structured(backend, "Note", json.dumps(schema), limits=FREE, max_new_tokens=96,
+                                 temperature=0.7, seed=3)
+    assert result.success, result.error
+    assert validate_output(result.raw_text, schema) == (result.data, None)
+    assert len(result.data["note"]) <= 96
