@@ -263,17 +263,20 @@ def budget_bounds(budget: int) -> tuple[int, int]:
     return min(max(budget, 16), 512), min(max(budget // 16, 4), 64)
 
 
-def bound_for_budget(node: Any, budget: int) -> Any:
-    """The schema with its unbounded strings and arrays bounded, for the grammar only.
+def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False) -> Any:
+    """The schema with its unbounded strings, arrays and objects bounded, for the grammar only.
 
     A small model (or one caught in a loop: ``["id","id","id",...``) can spend any token budget
     inside one string or array before the JSON closes. Adding ``maxLength``/``maxItems`` where the
     schema sets none only narrows what may be generated, so every output is still valid against
-    the user's schema, which validation keeps using unchanged. ``not``/``if``/``contains`` and the
-    like are left alone: narrowing inside them could widen or change what the whole schema means.
+    the user's schema, which validation keeps using unchanged. Objects that list their properties
+    get only those (no invented extra keys, whose free-text names are unbounded too), except where
+    the object is combined with others (allOf, $ref, anyOf...), where that could rule out a key
+    another part allows. ``not``/``if``/``contains`` and the like are left alone: narrowing inside
+    them could widen or change what the whole schema means.
     """
     if isinstance(node, list):
-        return [bound_for_budget(item, budget) for item in node]
+        return [bound_for_budget(item, budget, _in_all_of) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
@@ -283,12 +286,17 @@ def bound_for_budget(node: Any, budget: int) -> Any:
         elif key in _NAME_MAPS and isinstance(value, dict):
             out[key] = {name: bound_for_budget(sub, budget) for name, sub in value.items()}
         else:
-            out[key] = bound_for_budget(value, budget)
+            out[key] = bound_for_budget(value, budget, _in_all_of=key == "allOf")
     types = out.get("type")
     types = set(types) if isinstance(types, list) else {types}
     max_chars, max_items = budget_bounds(budget)
     if "string" in types and not any(k in out for k in ("maxLength", "pattern", "format", "enum", "const")):
         out["maxLength"] = max(max_chars, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)
+    combined = _in_all_of or any(k in out for k in ("allOf", "anyOf", "oneOf", "$ref", "$dynamicRef", "if",
+                                                      "dependentSchemas", "dependencies"))
+    if (isinstance(out.get("properties"), dict) and out["properties"] and not combined
+            and not any(k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties"))):
+        out["additionalProperties"] = False
     if "array" in types and "maxItems" not in out:
         out["maxItems"] = max(max_items, out.get("minItems", 0) if isinstance(out.get("minItems"), int) else 0)
     return out

@@ -622,6 +622,13 @@ def test_budget_bounds_narrow_only_unbounded_strings_and_arrays() -> None:
     assert props["tags"]["maxItems"] == items == 6 and props["tags"]["items"]["maxLength"] == chars
     assert props["neg"] == {"not": {"type": "string"}} and out["enum"] == [{"type": "string"}]
     assert "maxLength" not in schema["properties"]["free"]  # the user's schema is not modified
+    # Listed properties only, unless the object is combined with others.
+    assert out["additionalProperties"] is False
+    combined = bound_for_budget({"allOf": [{"properties": {"a": {"type": "integer"}}},
+                                           {"properties": {"b": {"type": "integer"}}}]}, 96)
+    assert all("additionalProperties" not in part for part in combined["allOf"])
+    opened = bound_for_budget({"type": "object", "properties": {"a": {}}, "additionalProperties": True}, 96)
+    assert opened["additionalProperties"] is True
 
 
 def test_bounded_grammar_finishes_where_unbounded_runs_out(backend) -> None:
