@@ -14,7 +14,7 @@ from slm_app.server import GRACEFUL_SHUTDOWN_S, build_app  # noqa: E402
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Gradio's own variables, so the app binds where a Space (or a user) expects. Never share=True.
+    # Gradio's own variables, so the app binds where a Space (or a user) expects. No public share link, ever.
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     uvicorn.run(build_app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

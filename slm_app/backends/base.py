@@ -64,7 +64,7 @@ class GeneratedSequence:
 
 
 class Backend(ABC):
-    """A loaded model. Not thread-safe: ``slm_app.service`` serialises access to it."""
+    """A loaded model. Each backend holds its own lock for a decode's whole life, so callers queue."""
 
     name: str  # "tensorflow" | "llama.cpp"
     model_id: str
