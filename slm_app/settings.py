@@ -163,10 +163,6 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def tensorflow_installed() -> bool:
-    return importlib.util.find_spec("tensorflow") is not None
-
-
 def pick_auto_tier(memory_mb: float, has_llama: bool) -> tuple[Tier, str]:
     """The largest tier that is installed and fits the memory this process may use."""
     pro, std = TIER_PROFILES[Tier.pro], TIER_PROFILES[Tier.standard]

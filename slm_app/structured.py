@@ -359,7 +359,6 @@ class JsonSchemaConstraint:
         # bit i % 8 of byte 4*j + i // 8, so a uint8 view unpacks in token order with no copy.
         self._bits = llguidance.numpy.allocate_token_bitmask(1, compiled.tokenizer.vocab_size)
         self._bytes = self._bits.view(np.uint8)
-        self.consumed = 0
 
     def allowed_tokens(self) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bits)
@@ -368,7 +367,6 @@ class JsonSchemaConstraint:
         return np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
 
     def consume(self, token_id: int) -> None:
-        self.consumed += 1
         self._matcher.consume_token(int(token_id))  # on a disallowed token the matcher enters its error state
 
     def is_finished(self) -> bool:
