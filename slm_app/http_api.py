@@ -29,11 +29,9 @@ balancer) cannot carry secrets, and it holds no user data. The key does not cove
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import logging
 import re
-import threading
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
@@ -45,7 +43,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException  # FastAPI's is a subclass
 from starlette.types import Message
 
-from slm_app.backends.base import GeneratedSequence, SamplingParams
+from slm_app.backends.base import SamplingParams
+from slm_app.engine import PreparedPrompt
+from slm_app.scheduler import Completion
 from slm_app.service import GenerationService, RequestError
 
 log = logging.getLogger(__name__)
@@ -173,52 +173,40 @@ def prompt_list(prompts: str | Sequence[str]) -> list[str]:
     return items
 
 
-async def generation_steps(service: GenerationService, endpoint: str, prompts: Sequence[str],
+async def generation_steps(service: GenerationService, endpoint: str, prompts: Sequence[PreparedPrompt],
                            params: SamplingParams, request: Request | None = None
-                           ) -> AsyncIterator[list[GeneratedSequence]]:
-    """``service.run`` in a thread of its own, its steps handed to the event loop as snapshots.
+                           ) -> AsyncIterator[list[Completion]]:
+    """Submit every prompt to the scheduler and yield all their snapshots whenever one changes.
 
-    One dedicated thread owns the generator from first step to ``close()``, so the backend's lock is
-    taken and released on the same thread. Closing this iterator (a client that disconnected: the
-    response task is cancelled) or a disconnect seen between steps sets ``cancel``; the worker then
-    closes ``service.run``, which records the request as cancelled and releases the backend.
-    Errors (``RequestError`` for busy / not loaded included) are re-raised here.
+    Nothing blocks the event loop: the scheduler's thread wakes each reader (``aupdates``). Closing
+    this iterator early (a client that disconnected: the response task is cancelled) or a
+    disconnect seen between steps cancels every request, which frees their slots at once.
+    Errors (``RequestError`` for busy / not loaded included) are raised before the first snapshot.
     """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    cancel = threading.Event()
-    end = object()
+    generations = service.start_many(endpoint, prompts, params)
+    latest = [g.snapshot() for g in generations]
+    queue: asyncio.Queue[tuple[int, Completion]] = asyncio.Queue()
 
-    def post(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone (shutdown): nobody is listening any more
-            cancel.set()
+    async def follow(i: int, generation: Any) -> None:
+        async for snap in generation.aupdates():
+            await queue.put((i, snap))
 
-    def work() -> None:
-        steps = service.run(endpoint, prompts, params, cancel=cancel)
-        try:
-            for seqs in steps:
-                # The backend updates its sequences in place on the next step: hand over copies.
-                post([dataclasses.replace(s, token_ids=list(s.token_ids)) for s in seqs])
-                if cancel.is_set():
-                    break
-            post(end)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the loop side, which would otherwise wait on
-            post(exc)
-        finally:
-            steps.close()
-
-    threading.Thread(target=work, name=f"generate-{endpoint}", daemon=True).start()
+    tasks = [asyncio.create_task(follow(i, g)) for i, g in enumerate(generations)]
     try:
-        while (item := await queue.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        while not all(s.done for s in latest):
+            i, latest[i] = await queue.get()
+            while not queue.empty():  # coalesce what arrived meanwhile: one step, one yield
+                i, latest[i] = queue.get_nowait()
+            for snap in latest:
+                GenerationService.raise_failure(snap)
+            yield list(latest)
             if request is not None and await request.is_disconnected():
                 return
     finally:
-        cancel.set()
+        for g in generations:
+            g.cancel()
+        for t in tasks:
+            t.cancel()
 
 
 # ---- the REST contract --------------------------------------------------------------------------

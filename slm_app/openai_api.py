@@ -10,7 +10,7 @@
   ``chat.completion`` with ``choices[0].message = {role: "assistant", content}``, ``finish_reason``
   (``"stop"`` or ``"length"``) and ``usage`` (prompt/completion/total tokens).
 
-  The messages become one prompt. A backend that renders chat itself (``backend.format_chat(messages)``
+  The messages become one prompt. A model with a chat template (``engine.render_chat(messages)``
   returning a string, e.g. from a GGUF's chat template) is used as is. Otherwise, as for the raw TF
   models, they are written as a transcript: ``System: ...`` / ``User: ...`` / ``Assistant: ...`` lines
   ending in ``Assistant:``, with ``"\\nUser:"`` as an extra stop string so a raw model does not go on to
@@ -48,7 +48,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from slm_app.backends.base import GeneratedSequence, SamplingParams
+from slm_app.backends.base import SamplingParams
+from slm_app.engine import Engine, PreparedPrompt
+from slm_app.scheduler import Completion
 from slm_app.http_api import api_error, api_router, generation_steps, prompt_list
 from slm_app.service import GenerationService, RequestError
 
@@ -134,15 +136,14 @@ def _message_text(i: int, m: ChatMessage) -> str:
     return "".join(parts)
 
 
-def chat_prompt(backend: Any, messages: list[ChatMessage]) -> tuple[str, bool]:
+def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> tuple[str, bool]:
     """The prompt for these messages, and whether it is already in the model's chat format."""
     turns = []
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
             raise RequestError(f"messages[{i}].role {m.role!r} is not supported (use system, user or assistant)")
         turns.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)})
-    format_chat = getattr(backend, "format_chat", None)
-    if format_chat is not None and (rendered := format_chat(turns)) is not None:
+    if (rendered := engine.render_chat(turns)) is not None:
         return rendered, True
     lines = [f"{_ROLES[t['role']]}: {t['content']}" for t in turns]
     return "\n".join(lines + ["Assistant:"]), False
@@ -176,13 +177,13 @@ _COMPLETION = _Kind("completions", "text_completion", "text_completion", "cmpl-"
 _CHAT = _Kind("chat", "chat.completion", "chat.completion.chunk", "chatcmpl-", chat=True)
 
 
-def _finish_reason(seq: GeneratedSequence, params: SamplingParams) -> str:
+def _finish_reason(seq: Completion, params: SamplingParams) -> str:
     if seq.finish_reason == "length" or (seq.finish_reason is None and seq.completion_tokens >= params.max_new_tokens):
         return "length"
     return "stop"
 
 
-def _usage(seqs: list[GeneratedSequence]) -> dict[str, int]:
+def _usage(seqs: list[Completion]) -> dict[str, int]:
     prompt = sum(s.prompt_tokens for s in seqs)
     completion = sum(s.completion_tokens for s in seqs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -196,7 +197,7 @@ class _Job:
     model: str
     params: SamplingParams
     include_usage: bool
-    steps: AsyncIterator[list[GeneratedSequence]]
+    steps: AsyncIterator[list[Completion]]
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
@@ -206,7 +207,7 @@ class _Job:
 
     async def answer(self, stream: bool) -> Response:
         if not stream:
-            seqs: list[GeneratedSequence] = []
+            seqs: list[Completion] = []
             async with aclosing(self.steps):
                 async for seqs in self.steps:
                     pass
@@ -221,11 +222,11 @@ class _Job:
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps(self.envelope(self.kind.chunk_object, choices, **extra))}\n\n"
 
-    async def _events(self, first: list[GeneratedSequence] | None) -> AsyncIterator[str]:
+    async def _events(self, first: list[Completion] | None) -> AsyncIterator[str]:
         kind = self.kind
         sent: dict[int, str] = {}
         finished: set[int] = set()
-        seqs: list[GeneratedSequence] = []
+        seqs: list[Completion] = []
         if kind.chat:  # OpenAI opens a chat stream with the role
             yield self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None}])
@@ -265,7 +266,7 @@ class _Job:
         yield "data: [DONE]\n\n"
 
 
-async def _single(step: list[GeneratedSequence]) -> AsyncIterator[list[GeneratedSequence]]:
+async def _single(step: list[Completion]) -> AsyncIterator[list[Completion]]:
     yield step
 
 
@@ -278,8 +279,8 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
 
     def model_ids() -> list[str]:
         # The loaded model's own id, and the configured name it was loaded from (when they differ).
-        backend = service.backend
-        return list(dict.fromkeys(([backend.model_id] if backend else []) + [service.tier.model]))
+        engine = service.engine
+        return list(dict.fromkeys(([engine.info().model_id] if engine else []) + [service.tier.model]))
 
     def model_card(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": int(service.metrics.started), "owned_by": "slm-space"}
@@ -311,11 +312,10 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        def prepare() -> tuple[list[str], SamplingParams]:
-            backend = service.ready_backend()
-            prompts = service.check_prompts(prompt_list(body.prompt), backend)
-            # OpenAI's default of 16 tokens, within the tier's cap.
-            return prompts, sampling(body, body.max_tokens, min(16, lim.max_new_tokens), stops_of(body), False)
+        def prepare() -> tuple[list[PreparedPrompt], SamplingParams]:
+            # OpenAI's default of 16 tokens, within the tier's cap. Raw continuation: no chat template.
+            params = sampling(body, body.max_tokens, min(16, lim.max_new_tokens), stops_of(body), False)
+            return service.check_prompts(prompt_list(body.prompt), use_chat_template=False), params
 
         model = check_model(body.model)
         prompts, params = await run_in_threadpool(prepare)  # tokenising is CPU work: off the event loop
@@ -329,31 +329,33 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
             raise RequestError("response_format: type json_schema needs json_schema: {name, schema}")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
-        def prepare() -> tuple[str, SamplingParams]:
-            backend = service.ready_backend()
-            prompt, templated = chat_prompt(backend, body.messages)
-            prompt = service.check_prompt(prompt, backend)
+        def prepare() -> tuple[PreparedPrompt, SamplingParams]:
+            text, templated = chat_prompt(service.ready(), body.messages)
             stops = stops_of(body)
             if not templated and fmt == "text" and len(stops) < 4:
                 stops.append(_TRANSCRIPT_STOP)
             cap = lim.max_structured_tokens if fmt != "text" else lim.max_new_tokens
-            return prompt, sampling(body, max_tokens, cap, stops, not templated, cap=cap)
+            params = sampling(body, max_tokens, cap, stops, not templated, cap=cap)
+            # A prompt rendered with the chat template is counted as it is, not wrapped again.
+            return service.check_prompt(text, params.use_chat_template, templated=templated,
+                                        param="messages"), params
 
         model = check_model(body.model)
         prompt, params = await run_in_threadpool(prepare)
         if fmt == "text":
             steps = generation_steps(service, _CHAT.endpoint, [prompt], params, request)
         else:
+            # The structured engine builds its own prompt from the conversation's text.
             schema = {"type": "object"} if fmt == "json_object" else body.response_format.json_schema.schema_
             steps = _single(await run_in_threadpool(structured_step, prompt, schema, params))
         return await _Job(_CHAT, model, params, _include_usage(body), steps).answer(bool(body.stream))
 
-    def structured_step(prompt: str, schema: dict[str, Any], params: SamplingParams) -> list[GeneratedSequence]:
+    def structured_step(prompt: PreparedPrompt, schema: dict[str, Any], params: SamplingParams) -> list[Completion]:
         """service.structured's answer as the one step of a finished sequence, so it is answered (and
         streamed) like any other generation. Out of tokens before the JSON closed is OpenAI's
         ``finish_reason: "length"`` with the partial text; any other failure is a 422, not invalid JSON
         presented as an answer."""
-        result = service.structured(prompt, json.dumps(schema), params.max_new_tokens, params.temperature,
+        result = service.structured(prompt.text, json.dumps(schema), params.max_new_tokens, params.temperature,
                                     params.seed)
         error = result.get("error") or ""
         if result["success"]:
@@ -363,8 +365,8 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         else:
             raise RequestError(f"no JSON valid against the schema was produced: {error}", status=422)
         # "tokens" counts every attempt the engine made: all of them were generated, so all are usage.
-        return [GeneratedSequence(prompt=prompt, prompt_tokens=service.ready_backend().count_tokens(prompt),
-                                  token_ids=[0] * int(result.get("tokens") or 0), text=text, finish_reason=finish)]
+        return [Completion(text=text, prompt_tokens=len(prompt.ids), completion_tokens=int(result.get("tokens") or 0),
+                           finish_reason=finish, seed=params.seed or 0)]
 
     app.include_router(router)
 

@@ -18,7 +18,7 @@ from fastapi import FastAPI  # noqa: E402
 from slm_app import http_api, openai_api  # noqa: E402
 from slm_app.service import GenerationService  # noqa: E402
 from slm_app.settings import Settings, load_settings  # noqa: E402
-from slm_app.ui import build_ui  # noqa: E402
+from slm_app.ui import build_ui, gradio_concurrency  # noqa: E402
 
 
 # Gradio's own clients (MCP tool calls, open browser tabs) keep heartbeat streams open that never end
@@ -32,7 +32,8 @@ def build_app(settings: Settings | None = None, load_model: bool = True) -> Fast
     settings = settings or load_settings()
     service = GenerationService(settings)
     demo = build_ui(service)
-    demo.queue(max_size=settings.queue_size, default_concurrency_limit=service.tier.profile.concurrency)
+    demo.queue(max_size=settings.queue_size + service.tier.parallel,
+               default_concurrency_limit=gradio_concurrency(service))
     app = FastAPI(title="slm-space")
     app.state.service = service
     # Our routes before the mount: Gradio at "/" would otherwise answer every path.

@@ -1,9 +1,10 @@
-"""The one place requests meet the model: validation against tier limits, admission,
-metrics, garbage collection, and the backend's lifecycle.
+"""The one place requests meet the model: tier limits, submission to the engine, metrics, memory
+and the engine's lifecycle.
 
-Every surface (Gradio tabs, REST, OpenAI routes) calls this module, so a limit is
-enforced once for every caller, and a bad request raises ``RequestError`` with a
-message that names the limit and an HTTP status the HTTP surfaces reuse.
+Every surface (Gradio tabs, REST, OpenAI routes, MCP) calls this module, so a limit is enforced once
+for every caller, and a bad request raises ``RequestError`` with a message that names the field, and
+an HTTP status the HTTP surfaces reuse. Every generation, structured output included, goes through
+``GenerationService.start``: one path for metrics, time to first token, timeouts and cancellation.
 """
 
 from __future__ import annotations
@@ -13,39 +14,46 @@ import logging
 import math
 import threading
 import time
-from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 from slm_app import memory
-from slm_app.backends.base import Backend, BackendUnavailable, GeneratedSequence, SamplingParams, TokenConstraint
+from slm_app.backends.base import BackendUnavailable, SamplingParams, TokenConstraint
+from slm_app.engine import Engine, LocalEngine, PreparedPrompt
 from slm_app.metrics import Metrics
-from slm_app.settings import ResolvedTier, Settings, llama_cpp_installed, resolve_tier
+from slm_app.scheduler import Completion, Generation, PromptTooLong, QueueFull, SchedulerClosed
+from slm_app.settings import ResolvedTier, Settings, resolve_tier
 
 log = logging.getLogger(__name__)
 
+# Seconds a refused client is told to wait (Retry-After) when every slot and the waiting line are full.
+RETRY_AFTER_S = 2
+
 
 class RequestError(ValueError):
-    """A request the server refuses; ``status`` is the HTTP status the REST surfaces answer with."""
+    """A request the server refuses. ``status`` is the HTTP status the REST surfaces answer with,
+    ``param`` the request field it is about (when one is), ``retry_after`` seconds for 429/503."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.param = param
+        self.retry_after = retry_after
 
 
 def as_number(name: str, value: Any, *, integer: bool = False) -> float | int:
     """Coerce an API value (which may arrive as a string or junk) or say what was wrong."""
     if isinstance(value, bool) or value is None or value == "":
-        raise RequestError(f"{name} must be a number, got {value!r}")
+        raise RequestError(f"{name} must be a number, got {value!r}", param=name)
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise RequestError(f"{name} must be a number, got {str(value)[:40]!r}", param=name) from None
     if not math.isfinite(number):
-        raise RequestError(f"{name} must be a finite number, got {value!r}")
+        raise RequestError(f"{name} must be a finite number, got {value!r}", param=name)
     if integer:
         if number != int(number):
-            raise RequestError(f"{name} must be a whole number, got {value!r}")
+            raise RequestError(f"{name} must be a whole number, got {value!r}", param=name)
         return int(number)
     return number
 
@@ -57,10 +65,13 @@ def split_prompts(prompts: str | Sequence[str]) -> list[str]:
     elif isinstance(prompts, (list, tuple)):
         items = list(prompts)
     else:
-        raise RequestError(f"prompts must be text or a list of strings, got {type(prompts).__name__}")
+        raise RequestError(f"prompts must be text or a list of strings, got {type(prompts).__name__}", param="prompts")
     if not all(isinstance(p, str) for p in items):
-        raise RequestError("every prompt must be a string")
+        raise RequestError("every prompt must be a string", param="prompts")
     return [p for p in items if p.strip()]
+
+
+_OUTCOMES = {"stop": "ok", "length": "ok", "cancelled": "cancelled", "timeout": "timeout", "error": "error"}
 
 
 class GenerationService:
@@ -69,27 +80,18 @@ class GenerationService:
         self.tier: ResolvedTier = resolve_tier(settings)
         self.limits = self.tier.limits
         self.metrics = Metrics()
-        self.backend: Backend | None = None
+        self.engine: Engine | None = None
         self.status = "loading"
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
-        self._admission = threading.Semaphore(settings.queue_size)
-        log.info("tier %s (%s), model %s", self.tier.tier.value, self.tier.reason, self.tier.model)
+        log.info("tier %s (%s), backend %s, model %s, %d slots", self.tier.tier.value, self.tier.reason,
+                 self.tier.backend, self.tier.model, self.tier.parallel)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def load(self) -> None:
-        """Load the tier's backend. Failures are kept and reported, never raised: the app serves on."""
-        profile = self.tier.profile
+        """Load the engine. Failures are kept and reported, never raised: the app serves on."""
         try:
-            if profile.backend == "llama.cpp":
-                if not llama_cpp_installed():
-                    raise BackendUnavailable(
-                        "the pro tier needs llama-cpp-python, which is not installed here "
-                        "(./setup.sh builds it; setup_lightweight.sh and a Space's requirements.txt do not)")
-                from slm_app.backends.llama_cpp_backend import LlamaCppBackend as backend_cls
-            else:
-                from slm_app.backends.tf_gpt2 import TFGPT2Backend as backend_cls
-            self.backend = backend_cls.load(profile, self.settings, self.tier.model)
+            self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
             self.status = "ok"
             self.metrics.model_loaded.set(1)
         except Exception as exc:  # any failure to load is reported on /health, not fatal
@@ -109,37 +111,53 @@ class GenerationService:
             self.load_thread.join(timeout)
         return self.status == "ok"
 
-    def ready_backend(self) -> Backend:
+    def ready(self) -> Engine:
         if self.status == "loading":
-            raise RequestError("the model is still loading; retry in a few seconds", status=503)
-        if self.backend is None:
+            raise RequestError("the model is still loading; retry in a few seconds", status=503,
+                               retry_after=RETRY_AFTER_S)
+        if self.engine is None:
             raise RequestError(f"model not loaded: {self.load_error}", status=503)
-        return self.backend
+        return self.engine
+
+    def close(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+        self.status = "closed"
+        self.metrics.model_loaded.set(0)
 
     # ---- validation ------------------------------------------------------------------------
-    def check_prompt(self, prompt: Any, backend: Backend) -> str:
-        lim = self.limits
-        if not isinstance(prompt, str):
-            raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
-            raise RequestError("prompt is empty: type some text to continue")
-        if len(prompt) > lim.max_prompt_chars:
-            raise RequestError(f"prompt is {len(prompt):,} characters; the {self.tier.tier.value} tier allows "
-                               f"at most {lim.max_prompt_chars:,}", status=413)
-        n = backend.count_tokens(prompt)
-        if n > lim.max_prompt_tokens:
-            raise RequestError(f"prompt is {n:,} tokens; the {self.tier.tier.value} tier allows at most "
-                               f"{lim.max_prompt_tokens:,}", status=413)
-        return prompt
+    def check_prompt(self, prompt: Any, use_chat_template: bool = True, *, templated: bool = False,
+                     param: str = "prompt") -> PreparedPrompt:
+        """Check a prompt against the tier's limits and tokenize it as the model will see it.
 
-    def check_prompts(self, prompts: str | Sequence[str], backend: Backend) -> list[str]:
+        ``templated``: the text is already in the model's chat format (OpenAI chat rendered with the
+        template), so it is counted as is, not wrapped again."""
+        lim, tier = self.limits, self.tier.tier.value
+        if not isinstance(prompt, str):
+            raise RequestError(f"{param} must be a string, got {type(prompt).__name__}", param=param)
+        if not prompt.strip():
+            raise RequestError(f"{param} is empty: type some text to continue", param=param)
+        if len(prompt) > lim.max_prompt_chars:
+            raise RequestError(f"{param} is {len(prompt):,} characters; the {tier} tier allows at most "
+                               f"{lim.max_prompt_chars:,}", status=413, param=param)
+        engine = self.ready()
+        text = prompt if templated else engine.format_prompt(prompt, use_chat_template)
+        ids = engine.tokenize(text)
+        if len(ids) > lim.max_prompt_tokens:
+            raise RequestError(f"{param} is {len(ids):,} tokens; the {tier} tier allows at most "
+                               f"{lim.max_prompt_tokens:,}", status=413, param=param)
+        return PreparedPrompt(text, ids)
+
+    def check_prompts(self, prompts: str | Sequence[str], use_chat_template: bool = True) -> list[PreparedPrompt]:
         items = split_prompts(prompts)
         if not items:
-            raise RequestError("no prompts: give at least one non-blank line")
+            raise RequestError("no prompts: give at least one non-blank line", param="prompts")
         if len(items) > self.limits.max_prompts:
             raise RequestError(f"{len(items)} prompts; the {self.tier.tier.value} tier allows at most "
-                               f"{self.limits.max_prompts} per request", status=413)
-        return [self.check_prompt(p, backend) for p in items]
+                               f"{self.limits.max_prompts} per request", status=413, param="prompts")
+        return [self.check_prompt(p, use_chat_template, param="prompts" if len(items) == 1 else f"prompts[{i}]")
+                for i, p in enumerate(items)]
 
     def sampling(self, max_new_tokens: Any, temperature: Any = 0.8, top_p: Any = 1.0, top_k: Any = 0,
                  seed: Any = None, stop: Sequence[str] | str | None = None, repeat_penalty: Any = 1.0,
@@ -149,121 +167,121 @@ class GenerationService:
         n = as_number("max_new_tokens", max_new_tokens, integer=True)
         if not 1 <= n <= cap:
             raise RequestError(f"max_new_tokens must be between 1 and {cap} on the "
-                               f"{self.tier.tier.value} tier, got {n}")
+                               f"{self.tier.tier.value} tier, got {n}", param="max_new_tokens")
         t = as_number("temperature", temperature)
         if not lim.min_temperature <= t <= lim.max_temperature:
-            raise RequestError(f"temperature must be between {lim.min_temperature} and {lim.max_temperature}, got {t}")
+            raise RequestError(f"temperature must be between {lim.min_temperature} and {lim.max_temperature}, "
+                               f"got {t}", param="temperature")
         p = as_number("top_p", top_p)
         if not 0 < p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {p}")
+            raise RequestError(f"top_p must be in (0, 1], got {p}", param="top_p")
         k = as_number("top_k", top_k, integer=True)
         if k < 0:
-            raise RequestError(f"top_k must be 0 (off) or positive, got {k}")
+            raise RequestError(f"top_k must be 0 (off) or positive, got {k}", param="top_k")
         rp = as_number("repeat_penalty", repeat_penalty)
         if not 0.5 <= rp <= 2.0:
-            raise RequestError(f"repeat_penalty must be between 0.5 and 2.0, got {rp}")
+            raise RequestError(f"repeat_penalty must be between 0.5 and 2.0, got {rp}", param="repeat_penalty")
         s = None if seed is None or seed == "" or seed == -1 else as_number("seed", seed, integer=True)
         if s is not None and not 0 <= s < 2**32:
-            raise RequestError(f"seed must be between 0 and 2**32-1 (or -1 / empty for random), got {s}")
+            raise RequestError(f"seed must be between 0 and 2**32-1 (or -1 / empty for random), got {s}",
+                               param="seed")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not isinstance(x, str) or len(x) > 64 for x in stops):
-            raise RequestError("stop takes at most 4 strings of at most 64 characters")
+            raise RequestError("stop takes at most 4 strings of at most 64 characters", param="stop")
         return SamplingParams(max_new_tokens=n, temperature=t, top_p=p, top_k=k, seed=s,
                               stop=tuple(x for x in stops if x), repeat_penalty=rp,
                               use_chat_template=bool(use_chat_template))
 
     # ---- running requests ------------------------------------------------------------------
-    @contextmanager
-    def admitted(self, endpoint: str) -> Iterator[None]:
-        """Bound the requests waiting for the model; past the bound, a clear busy error."""
-        if not self._admission.acquire(blocking=False):
-            self.metrics.record(endpoint, "busy", 0)
-            raise RequestError(f"busy: {self.settings.queue_size} requests are already waiting; retry shortly",
-                               status=429)
+    def start(self, endpoint: str, prompt: PreparedPrompt, params: SamplingParams,
+              constraint: TokenConstraint | None = None) -> Generation:
+        """Submit one generation; every surface's generations go through here (metrics, limits, TTFT)."""
+        engine = self.ready()
         try:
-            yield
-        finally:
-            self._admission.release()
+            return engine.submit(prompt, params, constraint, timeout_s=self.settings.request_timeout_s,
+                                 on_done=lambda final: self._finished(endpoint, final))
+        except QueueFull as exc:
+            self.metrics.record(endpoint, "busy", 0)
+            raise RequestError(f"{exc}; retry in a few seconds", status=503, retry_after=RETRY_AFTER_S) from None
+        except SchedulerClosed as exc:
+            self.metrics.record(endpoint, "shutting_down", 0)
+            raise RequestError(str(exc), status=503, retry_after=RETRY_AFTER_S) from None
+        except PromptTooLong as exc:
+            raise RequestError(str(exc), status=413, param="prompt") from None
 
-    def run(self, endpoint: str, prompts: Sequence[str], params: SamplingParams,
-            constraints: Sequence[TokenConstraint] | None = None,
-            cancel: threading.Event | None = None) -> Iterator[list[GeneratedSequence]]:
-        """The backend's decode loop, instrumented: every generation goes through here."""
-        backend = self.ready_backend()
-        start = time.perf_counter()
-        ttft = None
-        outcome = "error"
-        seqs: list[GeneratedSequence] = []
-        with self.admitted(endpoint):
-            steps = backend.decode(prompts, params, constraints=constraints, cancel=cancel)
-            try:
-                for seqs in steps:
-                    if ttft is None:
-                        ttft = time.perf_counter() - start
-                    yield seqs
-                outcome = "cancelled" if cancel is not None and cancel.is_set() else "ok"
-            except GeneratorExit:
-                outcome = "cancelled"
-                raise
-            finally:
-                steps.close()  # releases the backend's lock even when the caller stopped early
-                tokens = sum(s.completion_tokens for s in seqs)
-                self.metrics.record(endpoint, outcome, time.perf_counter() - start, tokens, ttft)
-                self.after_request()
+    def start_many(self, endpoint: str, prompts: Sequence[PreparedPrompt], params: SamplingParams
+                   ) -> list[Generation]:
+        """All or nothing: if the waiting line cannot take every prompt, none of them runs."""
+        started: list[Generation] = []
+        try:
+            for prompt in prompts:
+                started.append(self.start(endpoint, prompt, params))
+        except RequestError:
+            for generation in started:
+                generation.cancel()
+            raise
+        return started
 
-    def after_request(self) -> None:
-        if self.tier.profile.aggressive_gc:
-            gc.collect()
+    def _finished(self, endpoint: str, final: Completion) -> None:
+        outcome = _OUTCOMES.get(final.finish_reason or "error", "error")
+        self.metrics.record(endpoint, outcome, final.elapsed_s, final.completion_tokens, final.ttft_s)
+        if self.tier.profile.aggressive_gc and self.engine is not None and self.engine.load()["running"] == 0:
+            gc.collect()  # free tier: between requests, when nothing is decoding
         self.metrics.sample_memory()
+
+    @staticmethod
+    def raise_failure(final: Completion) -> None:
+        """A generation that failed in the model is a 500 for its caller (the server keeps serving)."""
+        if final.finish_reason == "error":
+            raise RequestError(f"generation failed: {final.error}", status=500)
 
     def generate_stream(self, prompt: Any, max_new_tokens: Any, temperature: Any = 0.8, top_p: Any = 1.0,
                         seed: Any = None, **extra: Any) -> Iterator[str]:
-        """Streaming single-prompt generation: yields the text generated so far after each token."""
-        backend = self.ready_backend()
-        prompt = self.check_prompt(prompt, backend)
+        """Streaming single-prompt generation: yields the text generated so far whenever it grows."""
         params = self.sampling(max_new_tokens, temperature, top_p, seed=seed, **extra)
+        prepared = self.check_prompt(prompt, params.use_chat_template)
         last = None
-        for seqs in self.run("generate", [prompt], params):
-            if seqs[0].text != last:
-                last = seqs[0].text
+        for snap in self.start("generate", prepared, params).updates():
+            self.raise_failure(snap)
+            if snap.text != last:
+                last = snap.text
                 yield last
         if last is None:
             yield ""
 
     def batch(self, prompts: str | Sequence[str], max_new_tokens: Any, temperature: Any = 0.8,
-              **extra: Any) -> list[GeneratedSequence]:
-        """All prompts in one call to the backend's decode (one padded batch where it batches)."""
-        backend = self.ready_backend()
-        items = self.check_prompts(prompts, backend)
+              **extra: Any) -> list[Completion]:
+        """Each prompt is its own request on the shared slots; results come back in order."""
         params = self.sampling(max_new_tokens, temperature, **extra)
-        seqs: list[GeneratedSequence] = []
-        for seqs in self.run("batch", items, params):
-            pass
-        return seqs
+        prepared = self.check_prompts(prompts, params.use_chat_template)
+        generations = self.start_many("batch", prepared, params)
+        try:
+            results = [g.result() for g in generations]
+        finally:
+            for g in generations:
+                g.cancel()  # a no-op for finished ones; frees the slots if we were interrupted
+        for final in results:
+            self.raise_failure(final)
+        return results
 
     def structured(self, prompt: Any, schema_text: Any, max_new_tokens: Any, temperature: Any = 0.0,
-                   seed: Any = None) -> dict[str, Any]:
+                   seed: Any = None, cancel: threading.Event | None = None) -> dict[str, Any]:
         from slm_app import structured
 
-        backend = self.ready_backend()
-        prompt = self.check_prompt(prompt, backend)
         if not isinstance(schema_text, str):
-            raise RequestError("schema must be JSON text")
-        cap = self.limits.max_structured_tokens
-        params = self.sampling(max_new_tokens, temperature, seed=seed, cap=cap)
+            raise RequestError("schema must be JSON text", param="schema")
+        params = self.sampling(max_new_tokens, temperature, seed=seed, cap=self.limits.max_structured_tokens)
+        self.check_prompt(prompt)
         start = time.perf_counter()
-        with self.admitted("structured"):
-            try:
-                result = structured.generate_structured(
-                    backend, prompt, schema_text, limits=self.limits, max_new_tokens=params.max_new_tokens,
-                    temperature=params.temperature, seed=params.seed)
-            except structured.SchemaError as exc:
-                self.metrics.record("structured", "bad_schema", time.perf_counter() - start)
-                raise RequestError(f"schema: {exc}") from None
-            finally:
-                self.after_request()
-        self.metrics.record("structured", "ok" if result.success else "invalid_output",
-                            time.perf_counter() - start, result.tokens)
+        try:
+            result = structured.generate_structured(
+                _StructuredRunner(self, cancel), prompt, schema_text, limits=self.limits,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed)
+        except structured.SchemaError as exc:
+            self.metrics.record("structured_result", "bad_schema", time.perf_counter() - start)
+            raise RequestError(f"schema: {exc}", param="schema") from None
+        self.metrics.record("structured_result", "ok" if result.success else "invalid_output",
+                            time.perf_counter() - start)
         return result.to_api()
 
     # ---- health ----------------------------------------------------------------------------
@@ -276,20 +294,55 @@ class GenerationService:
         self.metrics.sample_memory()
         rss = memory.rss_mb()
         usable = memory.usable_memory_mb()
-        backend = self.backend
+        engine = self.engine
+        info = engine.info() if engine is not None else None
         return {
             "status": self.status,
-            "model_loaded": backend is not None,
+            "model_loaded": engine is not None,
             "reason": self.load_error,
             "tier": self.tier.tier.value,
             "tier_reason": self.tier.reason,
-            "backend": self.tier.profile.backend,
-            "model": backend.model_id if backend else self.tier.model,
-            "model_info": backend.info() if backend else None,
+            "backend": self.tier.backend,
+            "model": info.model_id if info else self.tier.model,
+            "model_info": info.to_dict() if info else None,
             "limits": self.limits.model_dump(),
+            "slots": engine.load() if engine is not None else None,
             "memory_usage": {"rss_mb": round(rss, 1), "usable_mb": round(usable, 1),
                              "percent_of_usable": round(100 * rss / usable, 1)},
             "rss_mb": round(rss, 1),
             "system_memory_mb": memory.system_memory_mb(),
             **self.metrics.summary(),
         }
+
+
+class _StructuredRunner:
+    """What the structured-output engine needs from the model, through the service's run path."""
+
+    def __init__(self, service: GenerationService, cancel: threading.Event | None):
+        self._service, self._cancel = service, cancel
+        self._engine = service.ready()
+        self.model_id = self._engine.info().model_id
+        self.vocab_width = self._engine.vocab_width
+
+    def llguidance_tokenizer(self) -> Any:
+        return self._engine.llguidance_tokenizer()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._engine.tokenize(self._engine.format_prompt(text, True)))
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
+        out = []
+        for prompt, constraint in zip(prompts, constraints):
+            prepared = PreparedPrompt(prompt, self._engine.tokenize(self._engine.format_prompt(prompt, True)))
+            generation = self._service.start("structured", prepared, params, constraint)
+            final = generation.snapshot()
+            for final in generation.updates():
+                if self._cancel is not None and self._cancel.is_set():
+                    generation.cancel()
+            self._service.raise_failure(final)
+            if final.finish_reason == "cancelled":
+                raise RequestError("cancelled", status=499)
+            out.append(final)
+        return out
+

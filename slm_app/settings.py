@@ -12,6 +12,7 @@ import importlib.util
 import os
 from enum import Enum
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -50,9 +51,8 @@ class TierProfile(BaseModel):
     float16: bool = False
     aggressive_gc: bool = False
     limits: TierLimits
-    # Requests the backend runs at once. TF and llama.cpp both serve one at a time
-    # well on 2 cores; a second concurrent decode only halves both.
-    concurrency: int = 1
+    # Requests decoded together (slots of the scheduler), unless SLM_PARALLEL says otherwise.
+    parallel: int = Field(ge=1)
     min_memory_mb: int
 
 
@@ -70,6 +70,7 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
             max_prompt_chars=1_000,
             max_prompt_tokens=256,
         ),
+        parallel=4,
         min_memory_mb=0,
     ),
     Tier.standard: TierProfile(
@@ -83,6 +84,7 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
             max_prompt_chars=4_000,
             max_prompt_tokens=512,
         ),
+        parallel=3,
         # Measured: TensorFlow alone ~590 MB RSS; GPT-2 124M after XLA warm-up 2.8 GB, peaks above.
         min_memory_mb=4_000,
     ),
@@ -97,10 +99,14 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
             max_prompt_chars=16_000,
             max_prompt_tokens=3_072,
         ),
+        parallel=4,
         # Qwen2.5-3B Q4_K_M is a 2.0 GB file; with a 4k context and the process it needs ~3.2 GB.
         min_memory_mb=6_000,
     ),
 }
+
+
+BackendName = Literal["tensorflow", "llama.cpp", "fake"]
 
 
 class Settings(BaseSettings):
@@ -109,7 +115,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SLM_", extra="ignore")
 
     tier: Tier = Tier.auto
-    model: str | None = None  # hub id, local dir, local .gguf, or repo_id:filename
+    model: str | None = None  # hub id, local dir, local .gguf, repo_id:filename, or embedded:<name>
+    backend: BackendName | None = None  # default: the tier's; "fake" is the scripted test model
 
     # Per-limit overrides of the tier's defaults.
     max_prompts: int | None = Field(default=None, ge=1)
@@ -121,7 +128,9 @@ class Settings(BaseSettings):
     max_temperature: float | None = Field(default=None, gt=0)
 
     # Serving.
-    queue_size: int = Field(default=16, ge=1)
+    parallel: int | None = Field(default=None, ge=1, le=64)  # slots; default: the tier's
+    queue_size: int = Field(default=16, ge=1)  # requests waiting for a slot; more are refused
+    request_timeout_s: float | None = Field(default=None, gt=0)  # waiting + generating, per request
     api_key: str | None = None  # bearer token for REST and OpenAI routes; off when unset
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
     warmup: bool = True  # compile XLA buckets / run one token at start-up
@@ -137,6 +146,9 @@ class Settings(BaseSettings):
     use_mlock: bool = False
     chat_template: bool = True  # use the GGUF's chat template when it has one
 
+    # Fake backend (tests): milliseconds each decode step takes.
+    fake_step_ms: float = Field(default=0.0, ge=0)
+
     @model_validator(mode="after")
     def _temperature_range(self) -> "Settings":
         lo = self.min_temperature if self.min_temperature is not None else 0.0
@@ -146,17 +158,52 @@ class Settings(BaseSettings):
         return self
 
 
+class EngineConfig(BaseModel):
+    """What a backend needs to load, and nothing else (backends never see the whole ``Settings``)."""
+
+    backend: BackendName
+    model: str
+    cache_dir: Path
+    n_slots: int = Field(ge=1)
+    # The longest prompt and generation the tier admits: TensorFlow compiles its shapes for them.
+    max_prompt_tokens: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    float16: bool = False
+    xla: bool = True
+    warmup: bool = True
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_batch: int = 512
+    use_mmap: bool = True
+    use_mlock: bool = False
+    chat_template: bool = True
+    fake_step_ms: float = 0.0
+
+
 class ResolvedTier(BaseModel):
     """The tier in force, its limits after overrides, and why it was chosen."""
 
     profile: TierProfile
     limits: TierLimits
     model: str
+    backend: BackendName
+    parallel: int
     reason: str
 
     @property
     def tier(self) -> Tier:
         return self.profile.tier
+
+    def engine_config(self, settings: "Settings") -> EngineConfig:
+        lim = self.limits
+        return EngineConfig(
+            backend=self.backend, model=self.model, cache_dir=Path(settings.cache_dir).expanduser(),
+            n_slots=self.parallel, max_prompt_tokens=lim.max_prompt_tokens,
+            max_new_tokens=max(lim.max_new_tokens, lim.max_structured_tokens),
+            float16=self.profile.float16, xla=settings.xla, warmup=settings.warmup, n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
+            use_mlock=settings.use_mlock, chat_template=settings.chat_template,
+            fake_step_ms=settings.fake_step_ms)
 
 
 def llama_cpp_installed() -> bool:
@@ -190,7 +237,10 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
     limits = effective_limits(profile, settings)
     if limits.min_temperature > limits.max_temperature:
         raise ValueError("temperature range is empty after SLM_* overrides")
-    return ResolvedTier(profile=profile, limits=limits, model=settings.model or profile.model, reason=reason)
+    backend = settings.backend or profile.backend
+    model = settings.model or (profile.model if backend == profile.backend else backend)
+    return ResolvedTier(profile=profile, limits=limits, model=model, backend=backend,
+                        parallel=settings.parallel or profile.parallel, reason=reason)
 
 
 @lru_cache(maxsize=1)

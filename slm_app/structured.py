@@ -360,7 +360,7 @@ class JsonSchemaConstraint:
         self._bits = llguidance.numpy.allocate_token_bitmask(1, compiled.tokenizer.vocab_size)
         self._bytes = self._bits.view(np.uint8)
 
-    def allowed_tokens(self) -> np.ndarray:
+    def allowed_tokens(self, remaining: int | None = None) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bits)
         # count= cuts a vocabulary wider than the logits, and pads with False (zero bits) when the
         # logits are wider than the vocabulary (models pad their embedding to a multiple of 64...).

@@ -17,7 +17,7 @@ import pandas as pd
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
 
-_CONCURRENCY_ID = "model"  # generate, batch and structured share the one model slot
+_CONCURRENCY_ID = "model"  # generate, batch and structured: requests for the scheduler's slots
 
 
 def _user_errors(fn: Callable) -> Callable:
@@ -56,8 +56,8 @@ def _banner(service: GenerationService) -> str:
     if info.get("random_weights"):
         lines.append("⚠️ This model has **random weights** (tiny-gpt2 is a test model, on the hub too): "
                      "its text is meaningless. It shows the plumbing, not language ability.")
-    if info.get("license_note"):
-        lines.append(str(info["license_note"]))
+    if info.get("license"):
+        lines.append(f"Model licence: {info['license']}")
     if h["reason"]:
         lines.append(f"⚠️ Model not loaded: {h['reason']}")
     return "\n\n".join(lines)
@@ -68,9 +68,16 @@ def _memory_frame(service: GenerationService) -> pd.DataFrame:
     return pd.DataFrame(points or [(0.0, 0.0)], columns=["uptime_s", "rss_mb"])
 
 
+def gradio_concurrency(service: GenerationService) -> int:
+    """Gradio events running at once: every slot busy and the scheduler's waiting line full."""
+    return service.tier.parallel + service.settings.queue_size
+
+
 def build_ui(service: GenerationService) -> gr.Blocks:
     lim = service.limits
-    model_events: dict[str, Any] = {"concurrency_limit": service.tier.profile.concurrency,
+    # The scheduler is the queue: Gradio hands every request straight to it (its slots decode them
+    # together, its bounded waiting line refuses the overflow with a clear "busy").
+    model_events: dict[str, Any] = {"concurrency_limit": gradio_concurrency(service),
                                     "concurrency_id": _CONCURRENCY_ID}
 
     @_user_errors_stream
@@ -97,7 +104,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
     @_user_errors
     def batch(prompts: str, max_new_tokens: float, temperature: float) -> dict[str, list[str]]:
-        """Generate for several prompts (one per line) in one batch; results come back in order.
+        """Generate for several prompts (one per line), decoded together; results come back in order.
 
         Args:
             prompts: One prompt per line; blank lines are skipped. At most the tier's prompt limit.

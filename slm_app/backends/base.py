@@ -1,18 +1,31 @@
-"""The one small interface every backend implements, and the sampling they share.
+"""The contract every local backend implements: small primitives over a model with slots.
 
-A backend knows how to turn prompts into token logits, step by step. Its single
-decode loop (``Backend.decode``) serves plain, streaming, batched and
-token-constrained generation: callers that want the whole text simply drain it.
+A backend does not run requests. ``slm_app.scheduler`` owns the backend (one thread calls it) and
+writes everything request-shaped once for every backend: admission into slots, chunked prefill,
+sampling, constraint masks, incremental UTF-8, stop strings, seeds, finish reasons, cancellation.
+What a backend provides is what only it can do:
+
+* text ↔ tokens: ``tokenize``, ``token_bytes``, ``is_end``, ``format_prompt``, ``render_chat``,
+  ``llguidance_tokenizer``;
+* the model: ``forward`` runs one step over several slots at once (decode rows of one token and
+  prefill chunks of several) and returns the logits of the rows that asked for them; ``release``
+  frees a finished slot's cache;
+* optionally ``native_sampler`` (llama.cpp samples in C) and ``score`` (perplexity);
+* facts: ``info`` (typed ``ModelInfo``), ``limits`` (``SlotLimits``).
+
+A backend that talks to a remote server instead of holding a model is request-level and does not
+implement this contract: it sits behind the service as another ``Engine`` (``slm_app.engine``).
 """
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from slm_app.settings import EngineConfig
 
 
 class BackendUnavailable(RuntimeError):
@@ -25,17 +38,25 @@ class SamplingParams:
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
-    seed: int | None = None
+    seed: int | None = None  # None: the scheduler draws one (and reports it)
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.0
     use_chat_template: bool = True  # only backends whose model has a template use it
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
 
 class TokenConstraint(Protocol):
-    """Restricts which token may come next (structured output). One per sequence."""
+    """Restricts which token may come next (structured output). One per request."""
 
-    def allowed_tokens(self) -> np.ndarray:
-        """Boolean mask over the logits width: True where the token may be sampled now."""
+    def allowed_tokens(self, remaining: int) -> np.ndarray:
+        """Boolean mask over the logits width: True where the token may be sampled now.
+
+        ``remaining`` is how many tokens the request may still generate, this one included, so a
+        constraint can steer to a short completion as the budget runs out.
+        """
 
     def consume(self, token_id: int) -> None:
         """Record the token that was sampled."""
@@ -44,122 +65,161 @@ class TokenConstraint(Protocol):
         """True once the constraint is complete and wants generation to stop."""
 
 
-@dataclass
-class GeneratedSequence:
-    """One prompt's generation, updated in place by the decode loop after every step."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the loaded model, shown on the Health tab and in ``/health``."""
 
-    prompt: str
-    prompt_tokens: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"; None while running
+    backend: str  # "tensorflow" | "llama.cpp" | "fake" | "remote"
+    model_id: str  # what the OpenAI routes call the model
+    name: str  # human-readable, e.g. "Gemma 3 270M Q4_K_M (embedded)"
+    source: str  # "local" | "hub-cache" | "hub" | "offline-fallback" | "embedded" | "built-in" | "remote"
+    reason: str  # how it was found
+    license: str | None = None  # the licence line the UI shows (Gemma's terms must be shown)
+    random_weights: bool = False  # the text is meaningless (tiny-gpt2, test models)
+    chat_template: bool = False  # the model has a chat template that ``render_chat`` uses
+    vocab_size: int = 0
+    n_ctx: int = 0  # tokens one sequence may hold (prompt + generated)
+    n_slots: int = 1
+    details: dict[str, Any] = field(default_factory=dict)  # backend-specific facts for Health
 
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "model": self.model_id, "name": self.name, "source": self.source,
+                "reason": self.reason, "license": self.license, "random_weights": self.random_weights,
+                "chat_template": self.chat_template, "vocab_size": self.vocab_size, "n_ctx": self.n_ctx,
+                "n_slots": self.n_slots, **self.details}
 
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.token_ids)
+
+@dataclass(frozen=True)
+class SlotLimits:
+    """What the scheduler may put in the backend's cache at once."""
+
+    n_slots: int  # sequences decoded together
+    max_sequence_tokens: int  # prompt + generated tokens of one sequence
+    kv_cells: int  # tokens all slots together may hold (a shared KV cache); n_slots * max when not shared
+    max_step_tokens: int  # tokens one ``forward`` may carry (llama.cpp's n_batch): bounds a prefill chunk
+
+
+@dataclass(frozen=True)
+class Row:
+    """Work for one slot in one ``forward``: ``tokens`` at positions ``pos`` .. ``pos+len-1``.
+
+    A decode row has one token; a prefill chunk has several. ``logits``: return the logits after the
+    row's last token (a prefill chunk that does not end the prompt does not need them).
+    """
+
+    slot: int
+    tokens: Sequence[int]
+    pos: int
+    logits: bool = True
+
+
+class StepLogits(ABC):
+    """What ``forward`` returns: the logits of the rows that asked, in their order."""
+
+    @abstractmethod
+    def row(self, i: int) -> np.ndarray:
+        """Logits of output row ``i`` as float32 over the logits width (may be a view: read, don't keep)."""
+
+    def argmax(self, i: int) -> int:
+        """Greedy pick of row ``i``; backends may compute it without handing the full row to Python."""
+        return int(np.argmax(self.row(i)))
+
+
+class ArrayLogits(StepLogits):
+    """StepLogits over a numpy array of shape (rows, vocab)."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def row(self, i: int) -> np.ndarray:
+        return self.array[i]
+
+
+class NativeSampler(ABC):
+    """A backend's own sampler for one request (llama.cpp's C sampler chain)."""
+
+    @abstractmethod
+    def sample(self, logits: StepLogits, i: int, allowed: np.ndarray | None) -> int:
+        """Pick the next token from output row ``i``; ``allowed`` masks the row first when given."""
+
+    def close(self) -> None:
+        """Free native memory."""
 
 
 class Backend(ABC):
-    """A loaded model. Each backend holds its own lock for a decode's whole life, so callers queue."""
+    """A loaded model with ``limits().n_slots`` cache slots. Only the scheduler's thread calls
+    ``forward``/``release``/``score``/``native_sampler``; the text methods may be called from any
+    thread (they only read the vocabulary)."""
 
-    name: str  # "tensorflow" | "llama.cpp"
-    model_id: str
+    @classmethod
+    @abstractmethod
+    def load(cls, config: EngineConfig) -> "Backend":
+        """Find, check and load the model ``config`` names; ``BackendUnavailable`` says why not."""
+
+    # ---- facts -----------------------------------------------------------------------------------
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Facts for Health and the OpenAI model list."""
 
     @abstractmethod
-    def decode(
-        self,
-        prompts: Sequence[str],
-        params: SamplingParams,
-        constraints: Sequence[TokenConstraint] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[list[GeneratedSequence]]:
-        """Generate for all prompts at once, yielding the sequences after each token step.
-
-        Sequences stop on end-of-text, a stop string (which is cut from ``text``),
-        ``max_new_tokens``, a finished constraint, or ``cancel`` being set.
-        """
-
-    @abstractmethod
-    def count_tokens(self, text: str) -> int:
-        """Tokens the prompt will take (as the model will see it)."""
-
-    @abstractmethod
-    def llguidance_tokenizer(self) -> Any:
-        """An ``llguidance.LLTokenizer`` for this model's vocabulary (cached)."""
+    def limits(self) -> SlotLimits:
+        """Slots and cache capacity."""
 
     @property
     @abstractmethod
     def vocab_width(self) -> int:
-        """Width of the logits the sampler sees (the mask width for constraints)."""
+        """Width of the logits rows (the mask width for constraints)."""
+
+    # ---- text and tokens ---------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """The tokens the model sees for ``text`` (with BOS where the model wants one; never empty)."""
 
     @abstractmethod
-    def info(self) -> dict[str, Any]:
-        """Facts for the Health tab: model, source, sizes, load time..."""
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (a piece of a UTF-8 character is possible)."""
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams, **kwargs: Any) -> list[GeneratedSequence]:
-        sequences: list[GeneratedSequence] = []
-        for sequences in self.decode(prompts, params, **kwargs):
-            pass
-        return sequences
+    @abstractmethod
+    def is_end(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end of turn)."""
+
+    def format_prompt(self, prompt: str, use_chat_template: bool = True) -> str:
+        """The text the model sees for a plain prompt: one user turn of the chat template when the
+        model has one and ``use_chat_template``, else the prompt as is."""
+        if use_chat_template and (rendered := self.render_chat([{"role": "user", "content": prompt}])) is not None:
+            return rendered
+        return prompt
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """A conversation through the model's chat template, ready for the assistant's turn;
+        None when the model has none (the caller writes a transcript)."""
+        return None
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    @abstractmethod
+    def llguidance_tokenizer(self) -> Any:
+        """An ``llguidance.LLTokenizer`` for this vocabulary (cached)."""
+
+    # ---- the model (scheduler thread only) ------------------------------------------------------------
+    @abstractmethod
+    def forward(self, rows: Sequence[Row]) -> StepLogits:
+        """Run one step over ``rows`` (each slot at most once). Returns logits for rows with ``logits``."""
+
+    @abstractmethod
+    def release(self, slot: int) -> None:
+        """Forget the slot's cache: its next ``forward`` starts at position 0."""
+
+    def native_sampler(self, params: SamplingParams, seed: int) -> NativeSampler | None:
+        """A sampler in the backend's own code, or None to sample in numpy (``slm_app.sampling``)."""
+        return None
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of ``tokens[1:]`` given what precedes each, in one pass of at most
+        ``limits().max_sequence_tokens`` tokens (perplexity). Uses and then releases slot 0's cache:
+        the scheduler runs it only when no slot is busy."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score text")
 
     def close(self) -> None:
         """Free the model's memory."""
-
-
-class Sampler:
-    """Picks the next token from logits: constraint mask, penalty, temperature, top-k, top-p.
-
-    Shared by the backends that sample in Python so the same seed gives the same
-    choice for the same logits whatever the backend.
-    """
-
-    def __init__(self, params: SamplingParams):
-        self.params = params
-        self.rng = np.random.default_rng(params.seed)
-
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), allowed: np.ndarray | None = None) -> int:
-        p = self.params
-        logits = np.asarray(logits, dtype=np.float32).copy()
-        if allowed is not None:
-            logits[: allowed.shape[0]][~allowed] = -np.inf
-            logits[allowed.shape[0] :] = -np.inf
-        if p.repeat_penalty != 1.0 and len(history):
-            seen = np.unique(np.asarray(history, dtype=np.int64))
-            vals = logits[seen]
-            logits[seen] = np.where(vals > 0, vals / p.repeat_penalty, vals * p.repeat_penalty)
-        if p.temperature <= 0:
-            return int(np.argmax(logits))
-        logits = logits / p.temperature
-        # Work on a candidate set: top-k if set, else everything that is not masked out.
-        if p.top_k > 0 and p.top_k < logits.shape[0]:
-            idx = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
-        else:
-            idx = np.flatnonzero(np.isfinite(logits))
-        if idx.size == 0:
-            return int(np.argmax(logits))
-        cand = logits[idx]
-        cand = cand - cand.max()
-        probs = np.exp(cand)
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs)
-            cum = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cum, p.top_p) + 1)]
-            idx, probs = idx[keep], probs[keep] / probs[keep].sum()
-        # Inverse-CDF draw: one uniform number, same distribution as rng.choice(p=...) at a
-        # fraction of its cost over a 50k-262k candidate set.
-        pick = int(np.searchsorted(np.cumsum(probs), self.rng.random() * probs.sum(), side="right"))
-        return int(idx[min(pick, idx.size - 1)])
-
-
-def apply_stop(seq: GeneratedSequence, stop: Sequence[str]) -> bool:
-    """Cut ``seq.text`` at the first stop string; True if one was found."""
-    for s in stop:
-        if s and (pos := seq.text.find(s)) >= 0:
-            seq.text = seq.text[:pos]
-            return True
-    return False

@@ -1,0 +1,482 @@
+"""Continuous batching: one thread owns the model and its slots; every request is a sequence in a slot.
+
+Between decode steps the loop admits waiting requests into free slots (FIFO), then runs one
+``Backend.forward`` holding the next token of every decoding slot plus, within the step's token
+budget, a chunk of the prompt of a slot still prefilling, so a long prompt never freezes the slots
+that are decoding. Each row is sampled with its own request's parameters, seed and constraint, and
+each request's text is published to its caller after every step. A finished or cancelled request
+frees its slot at once. llama.cpp's ``llama-server`` works the same way.
+
+Callers get a ``Generation`` handle: ``updates()`` (blocking) or ``aupdates()`` (asyncio) yield the
+latest ``Completion`` snapshot whenever it changed (a slow reader skips intermediate snapshots rather
+than queueing them: text only grows, so the latest says everything), ``cancel()`` ends it whether it
+is waiting or running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+from slm_app.backends.base import Backend, NativeSampler, Row, SamplingParams, TokenConstraint
+from slm_app.sampling import PENALTY_LAST_N, Sampler, TextAssembler
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The waiting line is full; retry later."""
+
+
+class SchedulerClosed(RuntimeError):
+    """The scheduler is shutting down or closed and admits nothing new."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt does not fit one sequence of the model's context."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A request's state as its caller sees it: text so far, or the final answer."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None  # None while running; "stop" | "length" | "cancelled" | "timeout" | "error"
+    seed: int  # the seed the request's sampler used (drawn when the request gave none)
+    queued_s: float = 0.0  # waiting for a slot
+    ttft_s: float | None = None  # submit to first token
+    elapsed_s: float = 0.0  # submit to this snapshot
+    error: str | None = None  # what failed when finish_reason is "error"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+_WAITING, _PREFILL, _DECODE, _DONE = "waiting", "prefill", "decode", "done"
+
+
+@dataclass(eq=False)
+class _Job:
+    prompt_ids: list[int]
+    params: SamplingParams
+    constraint: TokenConstraint | None
+    seed: int
+    deadline: float | None
+    on_done: Callable[[Completion], None] | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    state: str = _WAITING
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the slot's cache
+    token_ids: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled, not yet fed to the model
+    sampler: Sampler | NativeSampler | None = None
+    text: TextAssembler | None = None
+    started: float | None = None
+    first_token: float | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    cancelled: bool = False
+    # Publication to the caller.
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    version: int = 0
+    snapshot: Completion | None = None
+    async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    @property
+    def reserved(self) -> int:
+        """Cache cells this request may come to hold."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+class Generation:
+    """The caller's handle on one request."""
+
+    def __init__(self, scheduler: "Scheduler", job: _Job):
+        self._scheduler, self._job = scheduler, job
+
+    def snapshot(self) -> Completion:
+        with self._job.cond:
+            return self._job.snapshot  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """End the request (waiting or running); its slot is freed before the next step."""
+        self._scheduler._cancel(self._job)
+
+    def updates(self, timeout: float | None = None) -> Iterator[Completion]:
+        """Every new snapshot until the final one (blocking). Closing the iterator early cancels."""
+        job, seen, done = self._job, -1, False
+        try:
+            while True:
+                with job.cond:
+                    if not job.cond.wait_for(lambda: job.version != seen, timeout):
+                        raise TimeoutError("no progress from the scheduler")
+                    seen, snap = job.version, job.snapshot
+                yield snap
+                if snap.done:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.cancel()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        snap = self.snapshot()
+        for snap in self.updates(timeout):
+            pass
+        return snap
+
+    async def aupdates(self) -> AsyncIterator[Completion]:
+        """``updates`` for asyncio: waits without a thread. Closing it early cancels the request."""
+        job, seen, done = self._job, -1, False
+        loop = asyncio.get_running_loop()
+        event = asyncio.Event()
+        with job.cond:
+            job.async_waiters.append((loop, event))
+        try:
+            while True:
+                with job.cond:
+                    version, snap = job.version, job.snapshot
+                    event.clear()
+                if version != seen:
+                    seen = version
+                    yield snap
+                    if snap.done:
+                        done = True
+                        return
+                    continue
+                await event.wait()
+        finally:
+            with job.cond:
+                job.async_waiters.remove((loop, event))
+            if not done:
+                self.cancel()
+
+
+class Scheduler:
+    """Owns ``backend``: only this object's thread calls its model primitives."""
+
+    def __init__(self, backend: Backend, queue_size: int = 16):
+        self.backend = backend
+        self.limits = backend.limits()
+        self.queue_size = queue_size
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Job] = collections.deque()
+        self._exclusive: collections.deque[tuple[Callable[[Backend], Any], "_Future"]] = collections.deque()
+        self._slots: list[_Job | None] = [None] * self.limits.n_slots
+        self._admitting = True
+        self._closed = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- public entry points -----------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, constraint: TokenConstraint | None = None,
+               timeout_s: float | None = None, on_done: Callable[[Completion], None] | None = None) -> Generation:
+        """Queue one request. Raises ``QueueFull``, ``SchedulerClosed`` or ``PromptTooLong``.
+
+        ``timeout_s`` bounds waiting plus generating (finish reason "timeout", with what was produced);
+        ``on_done(final)`` runs once when the request ends, however it ends (metrics)."""
+        lim = self.limits
+        if not prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if len(prompt_ids) >= lim.max_sequence_tokens:
+            raise PromptTooLong(f"the prompt is {len(prompt_ids):,} tokens; one sequence of this model holds "
+                                f"{lim.max_sequence_tokens:,} (prompt and answer together)")
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        job = _Job(list(prompt_ids), params, constraint, seed,
+                   None if timeout_s is None else time.perf_counter() + timeout_s, on_done)
+        job.snapshot = self._completion(job)
+        with self._lock:
+            if not self._admitting or self._closed:
+                raise SchedulerClosed("the server is shutting down and admits no new requests")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"busy: {self.queue_size} requests are already waiting for a slot")
+            self._waiting.append(job)
+            self._lock.notify()
+        return Generation(self, job)
+
+    def call_exclusive(self, fn: Callable[[Backend], Any], timeout: float | None = None) -> Any:
+        """Run ``fn(backend)`` on the scheduler's thread while no slot is busy (perplexity scoring).
+        Admission pauses until it has run; requests already running finish first."""
+        future = _Future()
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosed("the scheduler is closed")
+            self._exclusive.append((fn, future))
+            self._lock.notify()
+        return future.result(timeout)
+
+    def load(self) -> dict[str, int]:
+        """Waiting and running requests, for Health and metrics."""
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": sum(j is not None for j in self._slots),
+                    "slots": len(self._slots)}
+
+    def stop_admitting(self) -> None:
+        with self._lock:
+            self._admitting = False
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._waiting and all(j is None for j in self._slots) and not self._exclusive
+
+    def drain(self, timeout_s: float) -> bool:
+        """Stop admitting, let running and waiting requests finish for up to ``timeout_s``, cancel the
+        rest. True if everything finished by itself."""
+        self.stop_admitting()
+        deadline = time.perf_counter() + timeout_s
+        while time.perf_counter() < deadline:
+            if self.idle():
+                return True
+            time.sleep(0.02)
+        with self._lock:
+            jobs = list(self._waiting) + [j for j in self._slots if j is not None]
+        for job in jobs:
+            self._cancel(job)
+        return False
+
+    def close(self, timeout_s: float = 30) -> None:
+        """Cancel everything, stop the thread and free the model."""
+        with self._lock:
+            self._admitting = False
+            self._closed = True
+            jobs = list(self._waiting) + [j for j in self._slots if j is not None]
+        for job in jobs:
+            self._cancel(job)
+        with self._lock:
+            self._lock.notify()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("scheduler thread still busy after %s s; not freeing the model", timeout_s)
+            return
+        self.backend.close()
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _cancel(self, job: _Job) -> None:
+        with self._lock:
+            job.cancelled = True
+            if job.state == _WAITING and job in self._waiting:
+                self._waiting.remove(job)
+                self._finish(job, "cancelled")
+            self._lock.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._work_ready():
+                    self._lock.wait(0.5)
+                    self._expire_waiting()
+                if self._closed and all(j is None for j in self._slots):
+                    return
+                if self._exclusive and all(j is None for j in self._slots):
+                    fn, future = self._exclusive.popleft()
+                else:
+                    fn = future = None
+                    self._admit()
+            if future is not None:
+                future.run(fn, self.backend)
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a failed step costs the running requests, never the server
+                log.exception("decode step failed")
+                self._fail_running(f"{type(exc).__name__}: {exc}")
+
+    def _work_ready(self) -> bool:
+        return bool(any(j is not None for j in self._slots) or self._exclusive or self._waiting)
+
+    def _expire_waiting(self) -> None:
+        now = time.perf_counter()
+        for job in [j for j in self._waiting if j.deadline is not None and now >= j.deadline]:
+            self._waiting.remove(job)
+            self._finish(job, "timeout")
+
+    def _admit(self) -> None:
+        """FIFO into free slots while the cache can hold what each request may grow to. Caller holds the lock."""
+        if self._exclusive:
+            return  # let running requests end so the exclusive call can run
+        lim = self.limits
+        reserved = sum(min(j.reserved, lim.max_sequence_tokens) for j in self._slots if j is not None)
+        while self._waiting:
+            job = self._waiting[0]
+            free = next((i for i, j in enumerate(self._slots) if j is None), None)
+            need = min(job.reserved, lim.max_sequence_tokens)
+            if free is None or (reserved + need > lim.kv_cells and reserved > 0):
+                return  # the head waits for room; nobody overtakes it
+            self._waiting.popleft()
+            reserved += need
+            job.state, job.slot, job.started = _PREFILL, free, time.perf_counter()
+            self._slots[free] = job
+            job.text = TextAssembler(job.params.stop)
+            job.sampler = self.backend.native_sampler(job.params, job.seed) or Sampler(job.params, job.seed)
+
+    def _step(self) -> None:
+        lim = self.limits
+        now = time.perf_counter()
+        rows: list[Row] = []
+        owners: list[_Job] = []
+        active = [j for j in self._slots if j is not None]
+        for job in active:
+            if job.cancelled:
+                self._end(job, "cancelled")
+            elif job.deadline is not None and now >= job.deadline:
+                self._end(job, "timeout")
+        budget = lim.max_step_tokens
+        for job in self._slots:
+            if job is not None and job.state == _DECODE and job.pending is not None:
+                pos = len(job.prompt_ids) + len(job.token_ids) - 1
+                rows.append(Row(job.slot, (job.pending,), pos, True))
+                owners.append(job)
+                budget -= 1
+        # Prefill chunks, oldest request first, within what is left of the step's token budget.
+        for job in sorted((j for j in self._slots if j is not None and j.state == _PREFILL), key=lambda j: j.submitted):
+            if budget <= 0:
+                break
+            chunk = job.prompt_ids[job.prefilled: job.prefilled + budget]
+            last = job.prefilled + len(chunk) == len(job.prompt_ids)
+            rows.append(Row(job.slot, tuple(chunk), job.prefilled, last))
+            owners.append(job if last else None)  # type: ignore[arg-type]
+            job.prefilled += len(chunk)
+            budget -= len(chunk)
+        if not rows:
+            return
+        logits = self.backend.forward(rows)
+        self.steps += 1
+        out = 0
+        for row, job in zip(rows, owners):
+            if not row.logits:
+                continue
+            i, out = out, out + 1
+            if job is None:
+                continue
+            job.state = _DECODE
+            self._sample(job, logits, i)
+
+    def _sample(self, job: _Job, logits: Any, i: int) -> None:
+        lim, p = self.limits, job.params
+        remaining = p.max_new_tokens - len(job.token_ids)
+        allowed = None
+        if job.constraint is not None:
+            allowed = np.asarray(job.constraint.allowed_tokens(remaining), dtype=bool)
+            if not allowed.any():
+                log.warning("constraint allows no token; ending the request")
+                self._end(job, "stop")
+                return
+        if isinstance(job.sampler, Sampler):
+            token = job.sampler.sample(logits, i, allowed, job.token_ids[-PENALTY_LAST_N:])
+        else:
+            token = job.sampler.sample(logits, i, allowed)
+        if job.first_token is None:
+            job.first_token = time.perf_counter()
+        if job.constraint is not None:
+            job.constraint.consume(token)  # end-of-text too: the constraint may want to see it
+        if self.backend.is_end(token):
+            self._end(job, "stop")
+            return
+        job.token_ids.append(token)
+        job.pending = token
+        if job.text.add(self.backend.token_bytes(token)):
+            self._end(job, "stop", cut=True)
+        elif job.constraint is not None and job.constraint.is_finished():
+            self._end(job, "stop")
+        elif len(job.token_ids) >= p.max_new_tokens or len(job.prompt_ids) + len(job.token_ids) >= lim.max_sequence_tokens:
+            self._end(job, "length")
+        else:
+            self._publish(job)
+
+    def _end(self, job: _Job, reason: str, cut: bool = False, error: str | None = None) -> None:
+        """Finish a job that holds a slot, and free the slot for the next request."""
+        if job.text is not None and not cut:
+            job.text.finish()
+        if isinstance(job.sampler, NativeSampler):
+            job.sampler.close()
+        job.sampler = None
+        try:
+            self.backend.release(job.slot)
+        finally:
+            with self._lock:
+                if 0 <= job.slot < len(self._slots) and self._slots[job.slot] is job:
+                    self._slots[job.slot] = None
+                job.error = error
+                self._finish(job, reason)
+
+    def _fail_running(self, error: str) -> None:
+        for job in [j for j in self._slots if j is not None]:
+            try:
+                self._end(job, "error", error=error)
+            except Exception:  # releasing failed too: drop the slot anyway
+                log.exception("releasing slot %d failed", job.slot)
+                with self._lock:
+                    self._slots[job.slot] = None
+                    self._finish(job, "error")
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        if job.state == _DONE:
+            return
+        job.state, job.finish_reason = _DONE, reason
+        self._publish(job)
+        if job.on_done is not None:
+            try:
+                job.on_done(job.snapshot)
+            except Exception:  # bookkeeping must not break serving
+                log.exception("on_done callback failed")
+
+    # ---- publication ------------------------------------------------------------------------------
+    def _completion(self, job: _Job) -> Completion:
+        now = time.perf_counter()
+        return Completion(
+            text=job.text.visible if job.text is not None else "",
+            prompt_tokens=len(job.prompt_ids), completion_tokens=len(job.token_ids),
+            finish_reason=job.finish_reason, seed=job.seed,
+            queued_s=((job.started or now) - job.submitted),
+            ttft_s=None if job.first_token is None else job.first_token - job.submitted,
+            elapsed_s=now - job.submitted, error=job.error)
+
+    def _publish(self, job: _Job) -> None:
+        snap = self._completion(job)
+        with job.cond:
+            job.snapshot = snap
+            job.version += 1
+            job.cond.notify_all()
+            waiters = list(job.async_waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that event loop is closed: its reader is gone
+                pass
+
+
+class _Future:
+    """A result handed from the scheduler thread to a waiting caller."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def run(self, fn: Callable[[Backend], Any], backend: Backend) -> None:
+        try:
+            self._value = fn(backend)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self, timeout: float | None) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the scheduler did not run the call in time")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
