@@ -8,7 +8,7 @@ next to its logits: greedy decoding never copies a vocabulary row to Python.
 
 Shapes never change at run time; every shape is compiled at load (``warmup``):
 
-* decode: ``B`` rows of one token each (``B`` in ``DECODE_ROWS``, at least 2) attending to the first
+* decode: ``B`` rows of one token each (``B`` from 2 to ``MAX_DECODE_ROWS``) attending to the first
   ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``);
 * prefill: blocks of exactly ``PREFILL_BLOCK`` tokens of one slot, attending to all ``n_ctx`` cells;
   the scheduler's chunks (up to ``limits().max_step_tokens``) run as several blocks.
@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 
 PREFILL_BLOCK = 32  # tokens per prefill call (>= 17 rows: the matmul regime that does not depend on row count)
 PREFILL_BLOCKS_PER_STEP = 4  # max_step_tokens = 4 blocks: a long prompt never stalls decoding rows for long
-DECODE_ROWS = (2, 4, 8)  # decode batch buckets; more rows than the largest run as several calls
-CONTEXT_WINDOWS = (64, 128, 256, 512)
-BATCHED_ATTENTION_MAX = 2**20  # values in one batched decode attention (rows x window x n_embd); see _GPT2Graph  # decode attention windows below n_ctx (n_ctx itself is the last)
+MAX_DECODE_ROWS = 8  # rows of one decode call; more decoding slots run as several calls
+# Decode attention windows below n_ctx (n_ctx itself is the last). Few, because each is a compiled
+# shape per row bucket (124M: ~15 s each); a window of 512 instead of 128 costs 124M ~1 ms per row.
+CONTEXT_WINDOWS = (128, 512)
+BATCHED_ATTENTION_MAX = 2**20  # values in one batched decode attention (rows x window x n_embd); see _GPT2Graph
 
 
 class _TFStepLogits(StepLogits):
@@ -112,7 +114,7 @@ class _GPT2Graph:
         # Batched decode attention is one op per layer instead of one per row (the tiny model's step is
         # mostly per-op overhead) and gave bit-identical rows for any row count while B x W x n_embd
         # stayed at or below 1.6M values here; above that, XLA changed its arithmetic (4 x 704 x 768).
-        self.per_row_attention = DECODE_ROWS[-1] * n_ctx * self.n_embd > BATCHED_ATTENTION_MAX
+        self.per_row_attention = MAX_DECODE_ROWS * n_ctx * self.n_embd > BATCHED_ATTENTION_MAX
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
         self._concrete: dict[tuple, Any] = {}
@@ -284,8 +286,9 @@ class TFGPT2Backend(Backend):
         self._n_ctx = min(self._n_positions, config.max_prompt_tokens + config.max_new_tokens)
         self._n_slots = config.n_slots
         self._windows = [w for w in CONTEXT_WINDOWS if w < self._n_ctx] + [self._n_ctx]
-        self._decode_rows = [b for b in DECODE_ROWS if b < config.n_slots] + [_smallest(
-            max(2, min(config.n_slots, DECODE_ROWS[-1])), DECODE_ROWS)]
+        # Row buckets: 2 (a lone row gets a dummy twin), powers of two, and the slot count itself.
+        top = max(2, min(config.n_slots, MAX_DECODE_ROWS))
+        self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)})
         self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla)
         self._llg: Any = None
         self.load_time_s = 0.0
