@@ -264,6 +264,7 @@ def main() -> None:
     parser.add_argument("--hf-repeats", type=int, default=2, help="repeats of the slow HF eager baseline")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--skip-124m", action="store_true", help="only the tiny model (fast)")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the 124M model")
     parser.add_argument("--skip-memory", action="store_true", help="no slot sweep")
     parser.add_argument("--tier-warmup", action="store_true",
                         help="compile every shape of the tier at load, as the app does (124M: minutes)")
@@ -285,8 +286,8 @@ def main() -> None:
     common = dict(cache_dir=args.cache_dir, tokens=args.tokens, repeats=args.repeats, hf_repeats=args.hf_repeats,
                   warmup=args.tier_warmup, concurrency=True, hf_xla=True)
     tiny = dict(common, tier="free", model=tiny_path, model_label="tiny-gpt2 (random)", n_slots=4)
-    configs = [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
-               dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
+    configs = [] if args.skip_tiny else [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
+                                         dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
     big_path = None
     if not args.skip_124m:
         print("building the random 124M GPT-2 (once)...", file=sys.stderr, flush=True)
@@ -301,7 +302,8 @@ def main() -> None:
     mem = []
     if not args.skip_memory:
         # 124M: shapes compiled lazily by the run itself (the full tier warm-up takes minutes per process).
-        sweeps = [(tiny_path, "tiny-gpt2 (random)", "free", True, "float16", (1, 2, 4, 8), True)]
+        sweeps = [] if args.skip_tiny else [(tiny_path, "tiny-gpt2 (random)", "free", True, "float16", (1, 2, 4, 8),
+                                             True)]
         if big_path:
             sweeps += [(big_path, "GPT-2 124M (random)", "standard", False, "float32", (1, 3), args.tier_warmup),
                        (big_path, "GPT-2 124M (random)", "standard", True, "float16", (1, 3), args.tier_warmup)]
