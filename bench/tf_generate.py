@@ -166,7 +166,7 @@ def memory_worker(cfg: dict) -> dict:
     from slm_app.settings import EngineConfig
 
     config = EngineConfig(backend="tensorflow", model=cfg["model"], cache_dir=Path(cfg["cache_dir"]),
-                          n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=True,
+                          n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=cfg["warmup"],
                           **TIERS[cfg["tier"]])
     backend = TFGPT2Backend.load(config)
     scheduler = Scheduler(backend)
@@ -245,7 +245,8 @@ def report(rows: list[dict], mem: list[dict], args: argparse.Namespace, elapsed:
                      f"{fmt(r['load_s'])} | {fmt(r['warmup_s']) if r['warmup'] else 'lazy'} | "
                      f"{fmt(r['first_calls_s'])} | {fmt(r.get('hf_xla_compile_s'))} |")
     if mem:
-        lines += ["", "### Slots: memory and throughput (warmed up; every slot decoding at once)", "",
+        lines += ["", "### Slots: memory and throughput (every slot decoding at once)", "",
+                  "tiny: after the full warm-up; 124M: shapes compiled by the run itself unless --tier-warmup.", "",
                   "| model | dtype | slots | RSS MB | MB per extra slot (vs 1 slot) | KV cache MB per slot | "
                   "aggregate tok/s | warm-up s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in mem:
@@ -263,6 +264,7 @@ def main() -> None:
     parser.add_argument("--hf-repeats", type=int, default=2, help="repeats of the slow HF eager baseline")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--skip-124m", action="store_true", help="only the tiny model (fast)")
+    parser.add_argument("--skip-tiny", action="store_true", help="only the 124M model")
     parser.add_argument("--skip-memory", action="store_true", help="no slot sweep")
     parser.add_argument("--tier-warmup", action="store_true",
                         help="compile every shape of the tier at load, as the app does (124M: minutes)")
@@ -284,8 +286,8 @@ def main() -> None:
     common = dict(cache_dir=args.cache_dir, tokens=args.tokens, repeats=args.repeats, hf_repeats=args.hf_repeats,
                   warmup=args.tier_warmup, concurrency=True, hf_xla=True)
     tiny = dict(common, tier="free", model=tiny_path, model_label="tiny-gpt2 (random)", n_slots=4)
-    configs = [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
-               dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
+    configs = [] if args.skip_tiny else [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
+                                         dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
     big_path = None
     if not args.skip_124m:
         print("building the random 124M GPT-2 (once)...", file=sys.stderr, flush=True)
@@ -299,14 +301,16 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
     mem = []
     if not args.skip_memory:
-        sweeps = [(tiny_path, "tiny-gpt2 (random)", "free", True, "float16", (1, 2, 4, 8))]
+        # 124M: shapes compiled lazily by the run itself (the full tier warm-up takes minutes per process).
+        sweeps = [] if args.skip_tiny else [(tiny_path, "tiny-gpt2 (random)", "free", True, "float16", (1, 2, 4, 8),
+                                             True)]
         if big_path:
-            sweeps += [(big_path, "GPT-2 124M (random)", "standard", False, "float32", (1, 3, 8)),
-                       (big_path, "GPT-2 124M (random)", "standard", True, "float16", (1, 3))]
-        for path, label, tier, f16, dtype, slot_counts in sweeps:
+            sweeps += [(big_path, "GPT-2 124M (random)", "standard", False, "float32", (1, 3), args.tier_warmup),
+                       (big_path, "GPT-2 124M (random)", "standard", True, "float16", (1, 3), args.tier_warmup)]
+        for path, label, tier, f16, dtype, slot_counts, warm in sweeps:
             for n_slots in slot_counts:
                 cfg = dict(cache_dir=args.cache_dir, model=path, model_label=label, tier=tier, float16=f16,
-                           dtype_label=dtype, n_slots=n_slots, tokens=args.tokens, repeats=3,
+                           dtype_label=dtype, n_slots=n_slots, tokens=args.tokens, repeats=3, warmup=warm,
                            label=f"memory {label} {dtype} {n_slots} slots")
                 env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
                 t0 = time.perf_counter()

@@ -118,6 +118,7 @@ class _GPT2Graph:
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
         self._concrete: dict[tuple, Any] = {}
+        self._functions: dict[tuple, Any] = {}
 
     # ---- the model, traced into the compiled functions -------------------------------------------
     def _f32(self, x: Any) -> Any:
@@ -254,11 +255,20 @@ class _GPT2Graph:
             if window is not None:
                 python_fn = functools.partial(python_fn, window=window)
             specs = [tf.TensorSpec(np.shape(a), tf.int32) for a in args]
-            fn = self._concrete[key] = tf.function(python_fn, jit_compile=jit).get_concrete_function(*specs)
+            # No autograph: the model has no tensor-dependent Python control flow to convert.
+            self._functions[key] = tf.function(python_fn, jit_compile=jit, autograph=False)
+            fn = self._concrete[key] = self._functions[key].get_concrete_function(*specs)
         return fn(*(tf.convert_to_tensor(a, tf.int32) for a in args))
 
     def compiled_shapes(self) -> set[tuple]:
         return set(self._concrete)
+
+    def optimized_hlo(self, which: str, *args: Any, window: int | None = None) -> str:
+        """XLA's optimised HLO of one compiled shape (tests read its input/output aliasing)."""
+        key = (True, which, window, *(np.shape(a) for a in args))
+        tensors = [self.tf.convert_to_tensor(a, self.tf.int32) for a in args]
+        extra = {"window": window} if window is not None else {}
+        return self._functions[key].experimental_get_compiler_ir(*tensors, **extra)(stage="optimized_hlo")
 
 
 def _smallest(n: int, ladder: Sequence[int]) -> int:
