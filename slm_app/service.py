@@ -208,6 +208,8 @@ class GenerationService:
         if not lim.min_temperature <= t <= lim.max_temperature:
             raise RequestError(f"temperature must be between {lim.min_temperature} and {lim.max_temperature}, "
                                f"got {t}", param="temperature")
+        if 0 < t < 1e-4:
+            t = 0.0  # logits / 1e-320 overflow to inf; a temperature this small is greedy decoding anyway
         p = as_number("top_p", top_p)
         if not 0 < p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {p}", param="top_p")

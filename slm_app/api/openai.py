@@ -54,6 +54,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
 from slm_app.engine import Engine, PreparedPrompt
@@ -61,6 +62,15 @@ from slm_app.scheduler import Completion
 from slm_app.api.common import (api_router, error_responses, generation_steps, printable, prompt_list,
                                 public_error)
 from slm_app.service import GenerationService, RequestError
+
+class _Anything(PathConvertor):
+    """Starlette's ``path`` without its blind spot: its ``.*`` does not match a newline, so an id holding
+    one fell through to the Gradio mount's 404 instead of this route's own error."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("anything", _Anything())
 
 _TRANSCRIPT_STOP = "\nUser:"
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -406,7 +416,7 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         """The model this server serves."""
         return {"object": "list", "data": [model_card(m) for m in model_ids()]}
 
-    @router.get("/models/{model_id:path}", response_model=ModelCard,
+    @router.get("/models/{model_id:anything}", response_model=ModelCard,
                 responses=error_responses(ErrorResponse, (401, 404, 429)))
     def retrieve_model(model_id: str) -> dict[str, Any]:
         """One model, by id (404 for any other)."""
