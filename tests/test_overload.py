@@ -184,3 +184,35 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tmp_path
             proc.kill()
         output = proc.communicate()[0]
     assert "draining" in output
+
+
+# ---- SLM_PROTECT_UI ---------------------------------------------------------------------------------
+
+def test_protect_ui_requires_the_key_for_the_page_gradio_api_and_mcp(tmp_path_factory):
+    import asyncio
+
+    from gradio_client.exceptions import AuthenticationError
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamable_http_client
+
+    key = "s3cret-key"
+    with launch_app(fake(tmp_path_factory, api_key=key, protect_ui=True)) as app:
+        assert httpx.get(app.url + "config").status_code == 401  # the page's config: login first
+        with pytest.raises(AuthenticationError):
+            Client(app.url, verbose=False)
+        with pytest.raises(ValueError):  # Gradio's login refuses a wrong key
+            Client(app.url, auth=("anyone", "wrong"), verbose=False)
+        client = Client(app.url, auth=("anyone", key), verbose=False)  # any user name, the key as password
+        assert client.predict("Hi", 2, 0.0, api_name="/batch")["results"][0]
+        assert httpx.post(app.url + "gradio_api/mcp/", json={}).status_code == 401
+
+        async def mcp_with_key() -> tuple[list[str], str]:
+            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+                async with streamable_http_client(app.url + "gradio_api/mcp/", http_client=http) as (read, write, _):
+                    async with ClientSession(read, write) as session:
+                        await session.initialize()
+                        tools = [t.name for t in (await session.list_tools()).tools]
+                        return tools, (await session.call_tool("health", {})).content[0].text
+
+        tools, health = asyncio.run(asyncio.wait_for(mcp_with_key(), 60))
+        assert "generate" in tools and "'status': 'ok'" in health
