@@ -9,18 +9,21 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import hmac  # noqa: E402
+import secrets  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import threading  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from types import FrameType  # noqa: E402
-from typing import AsyncIterator  # noqa: E402
+from typing import Any, AsyncIterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse  # noqa: E402
+from starlette.routing import Mount  # noqa: E402
+from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
 from slm_app.api import openai, rest  # noqa: E402
 from slm_app.api.common import bearer_ok, rate_limit_for, rate_limited_message, truthful_openapi  # noqa: E402
@@ -74,6 +77,9 @@ def build_app(settings: Settings | None = None, load_model: bool = True) -> Fast
     app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api", "settings"], mcp_server=True, auth=auth,
                               auth_message="Enter any user name and the server's API key (SLM_API_KEY)."
                               if protect_ui else None)
+    if protect_ui:
+        gradio_app = next(r.app for r in app.routes if isinstance(r, Mount))
+        app.add_middleware(_KeyAsGradioLogin, gradio_app=gradio_app, api_key=settings.api_key)
     if load_model:
         service.start_loading()
     return app
@@ -98,6 +104,39 @@ def _guard_gradio(app: FastAPI, service: GenerationService, *, protect_mcp: bool
                 return JSONResponse({"error": rate_limited_message(wait, service.settings.rate_limit or 0)},
                                     status_code=429, headers={"Retry-After": str(wait)})
         return await call_next(request)
+
+
+class _KeyAsGradioLogin:
+    """SLM_PROTECT_UI: a request to the Gradio app that carries the bearer key is let in as if it had
+    logged in (Gradio's login is a cookie, which scripts and MCP clients do not have).
+
+    Gradio's MCP server runs queued tools through a gradio_client of its own that sends neither: its
+    start-up reads (``/config``, ``/info``: the app's layout and API, the same for everyone) and its
+    result stream (``/queue/data``, keyed by a random session) are let in on its ``x-gradio-user: mcp``
+    header; the call that starts work (``/queue/join``) carries the MCP request's own headers, so it
+    needs the key like everything else (and ``/gradio_api/mcp`` itself needs it: ``_guard_gradio``).
+    The session token is minted here and never leaves the process."""
+
+    _MCP_READS = ("/config", "/info", "/queue/data")
+
+    def __init__(self, app: ASGIApp, gradio_app: Any, api_key: str):
+        self.app, self.api_key = app, api_key
+        self.cookie = f"access-token-{gradio_app.cookie_id}"
+        self.token = secrets.token_urlsafe(32)
+        gradio_app.tokens[self.token] = "api-key"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            request = Request(scope)
+            key = request.headers.get("authorization") and bearer_ok(request, self.api_key)
+            mcp_read = (request.headers.get("x-gradio-user") == "mcp"
+                        and request.url.path.rstrip("/").endswith(self._MCP_READS))
+            if key or mcp_read:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"cookie"]
+                cookies = [v.decode("latin-1") for k, v in scope["headers"] if k == b"cookie"]
+                cookies.append(f"{self.cookie}={self.token}")
+                scope = {**scope, "headers": headers + [(b"cookie", "; ".join(cookies).encode("latin-1"))]}
+        await self.app(scope, receive, send)
 
 
 class DrainingServer(uvicorn.Server):

@@ -212,7 +212,18 @@ def test_protect_ui_requires_the_key_for_the_page_gradio_api_and_mcp(tmp_path_fa
                     async with ClientSession(read, write) as session:
                         await session.initialize()
                         tools = [t.name for t in (await session.list_tools()).tools]
-                        return tools, (await session.call_tool("health", {})).content[0].text
+                        # batch is queued: Gradio runs it through its own loopback client
+                        batch = await session.call_tool("batch", {"prompts": "Hi", "max_new_tokens": 2,
+                                                                  "temperature": 0})
+                        return tools, (await session.call_tool("health", {})).content[0].text, batch
 
-        tools, health = asyncio.run(asyncio.wait_for(mcp_with_key(), 60))
+        tools, health, batch = asyncio.run(asyncio.wait_for(mcp_with_key(), 60))
         assert "generate" in tools and "'status': 'ok'" in health
+        assert not batch.isError and "results" in batch.content[0].text
+        # The key as a bearer header also opens Gradio's API to scripts; MCP's own header opens nothing
+        # that starts work.
+        keyed = Client(app.url, headers={"Authorization": f"Bearer {key}"}, verbose=False)
+        assert keyed.predict("Hi", 2, 0.0, api_name="/batch")["results"][0]
+        spoof = httpx.post(app.url + "gradio_api/queue/join", headers={"x-gradio-user": "mcp"},
+                           json={"data": ["Hi", 2, 0], "fn_index": 0, "session_hash": "x"})
+        assert spoof.status_code == 401
