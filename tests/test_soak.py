@@ -3,7 +3,8 @@
 warm-up (no leak per request).
 
 Opt-in (a few minutes): ``SLM_SOAK=1 .venv/bin/python -m pytest tests/test_soak.py -s``. The tier is
-``SLM_SOAK_TIER`` (default ``free``: TensorFlow tiny-gpt2; ``pro``: llama.cpp). It prints its figures.
+``SLM_SOAK_TIER`` (default ``free``: TensorFlow tiny-gpt2; ``pro``: llama.cpp); ``SLM_SOAK_BACKEND=fake``
+runs the same harness on the fake model (a check of the harness, not of a model). It prints its figures.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _one(http: httpx.Client, model: str, i: int) -> int:
 
 def test_soak_8_clients_1000_requests_no_errors_no_leak(tmp_path_factory):
     tier = os.environ.get("SLM_SOAK_TIER", "free")
-    settings = Settings(tier=tier, queue_size=CLIENTS * 2, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    settings = Settings(tier=tier, backend=os.environ.get("SLM_SOAK_BACKEND") or None, queue_size=CLIENTS * 2,
+                        cache_dir=str(tmp_path_factory.mktemp("cache")))
     with launch_app(settings, expect_loaded=False) as app:
         if app.service.status != "ok":
             pytest.skip(f"the {tier} tier's model did not load here: {app.service.load_error}")
@@ -65,7 +67,7 @@ def test_soak_8_clients_1000_requests_no_errors_no_leak(tmp_path_factory):
 
         def run(total: int, offset: int) -> None:
             with ThreadPoolExecutor(CLIENTS) as pool:
-                list(pool.map(lambda w: client(w, total // CLIENTS, offset), range(CLIENTS)))
+                list(pool.map(lambda w: client(w, -(-total // CLIENTS), offset), range(CLIENTS)))
 
         run(WARMUP, 0)
         rss_warm = httpx.get(app.url + "health").json()["rss_mb"]
