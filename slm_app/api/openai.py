@@ -92,13 +92,17 @@ def _openai_error(status: int, message: str, param: str | None) -> Response:
 
 
 # ---- request bodies (unknown fields such as "user" or "logprobs" are ignored, as SDKs send them) ----
+# Strict types: a value is taken only in the type /openapi.json gives it ("5" is not an integer),
+# so what the schema documents is exactly what is accepted.
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = Field(default=False, description="Send a last chunk with usage before [DONE]")
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     # Optional fields may come as null (some clients send every field): null means OpenAI's default.
     model: str = Field(description="A model id from GET /v1/models")
@@ -118,7 +122,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str = Field(description="system, developer, user or assistant")
     content: str | list[dict[str, Any]] | None = Field(
@@ -126,7 +130,7 @@ class ChatMessage(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
     name: str = Field(default="response", description="A name for the schema")
     # "schema" would shadow a BaseModel attribute
@@ -134,6 +138,8 @@ class JsonSchemaFormat(BaseModel):
 
 
 class ResponseFormat(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text", "json_object", "json_schema"] = Field(description="text, or JSON (any object, or a schema)")
     json_schema: JsonSchemaFormat | None = Field(default=None, description="With type json_schema: {name, schema}")
 

@@ -33,7 +33,8 @@ from slm_app.service import GenerationService
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a typo'd field is an error, not a silent default
+    # A typo'd field is an error, not a silent default; strict: "5" is not an integer, as the schema says.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompts: str | list[str] = Field(description="One prompt (a string, never split into lines) or a list of "
                                                  "prompts, at most the tier's prompts per request")
