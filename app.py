@@ -7,9 +7,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import uvicorn  # noqa: E402
-
-from slm_app.server import GRACEFUL_SHUTDOWN_S, build_app  # noqa: E402
+from slm_app.server import build_app, serve  # noqa: E402
 
 
 def main() -> None:
@@ -17,7 +15,8 @@ def main() -> None:
     # Gradio's own variables, so the app binds where a Space (or a user) expects. No public share link, ever.
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    uvicorn.run(build_app(), host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    # SIGTERM drains (SLM_DRAIN_S) and exits 0: see slm_app.server.DrainingServer.
+    serve(build_app(), host, port)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,39 @@ def collect_garbage() -> dict[str, float]:
     collected = gc.collect()
     after = rss_mb()
     return {"rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1), "objects_collected": collected}
+
+
+class MemoryGuard:
+    """Refuses new work while the process's RSS is above a threshold, so a burst of requests gets a
+    clear 503 instead of the kernel's OOM killer ending every request at once.
+
+    The threshold is ``limit_mb`` when given, else ``percent`` of the usable memory (the cgroup limit
+    when there is one, else physical RAM); ``percent`` 0 turns the guard off. RSS is read on every
+    check (psutil: a few microseconds), not cached, so the guard lets work in again as soon as memory
+    is back under the threshold."""
+
+    def __init__(self, limit_mb: float | None = None, percent: float = 90.0):
+        usable = usable_memory_mb()
+        if limit_mb is not None:
+            self.limit_mb: float | None = float(limit_mb)
+            self.source = "SLM_MEMORY_GUARD_MB"
+        elif percent > 0:
+            self.limit_mb = usable * percent / 100
+            self.source = f"{percent:g}% of {usable:,.0f} MB usable"
+        else:
+            self.limit_mb, self.source = None, "off (SLM_MEMORY_GUARD_PERCENT=0)"
+
+    def refusal(self) -> str | None:
+        """Why new work is refused now, or None when it may start."""
+        if self.limit_mb is None:
+            return None
+        rss = rss_mb()
+        if rss < self.limit_mb:
+            return None
+        return (f"memory guard: the server uses {rss:,.0f} MB, at or above its limit of {self.limit_mb:,.0f} MB "
+                f"({self.source}); new requests are refused until memory is freed")
+
+    def status(self) -> dict[str, object]:
+        reason = self.refusal()
+        return {"limit_mb": None if self.limit_mb is None else round(self.limit_mb, 1), "source": self.source,
+                "refusing": reason is not None, "reason": reason}

@@ -304,6 +304,8 @@ class Scheduler:
 
     def _admit(self) -> None:
         """FIFO into free slots while the cache can hold what each request may grow to. Caller holds the lock."""
+        # A waiting request's timeout runs out while every slot is busy too, not only when idle.
+        self._expire_waiting()
         if self._exclusive:
             return  # let running requests end so the exclusive call can run
         lim = self.limits

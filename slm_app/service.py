@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Any, Iterator, Sequence
 
+from prometheus_client import Gauge
+
 from slm_app import memory
 from slm_app.backends.base import BackendUnavailable, SamplingParams, TokenConstraint
 from slm_app.engine import Engine, LocalEngine, PreparedPrompt
@@ -58,6 +60,19 @@ def as_number(name: str, value: Any, *, integer: bool = False) -> float | int:
     return number
 
 
+def check_text(name: str, value: str) -> str:
+    """Refuse text no tokenizer should see: a NUL character, or a lone UTF-16 surrogate (JSON's
+    ``"\\ud800"`` decodes to one; it cannot be encoded as UTF-8, so a tokenizer would fail on it)."""
+    if "\x00" in value:
+        raise RequestError(f"{name} contains a NUL character (\\x00) at position {value.index(chr(0))}", param=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(f"{name} is not valid Unicode: lone surrogate {value[exc.start]!r} at position "
+                           f"{exc.start}", param=name) from None
+    return value
+
+
 def split_prompts(prompts: str | Sequence[str]) -> list[str]:
     """A batch arrives as one prompt per line (Gradio) or a list (REST); blank lines are skipped."""
     if isinstance(prompts, str):
@@ -84,6 +99,14 @@ class GenerationService:
         self.status = "loading"
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
+        self.draining = False
+        self.memory_guard = memory.MemoryGuard(settings.memory_guard_mb, settings.memory_guard_percent)
+        guard = self.memory_guard
+        Gauge("slm_memory_guard_refusing", "1 while the memory guard refuses new requests",
+              registry=self.metrics.registry).set_function(lambda: float(guard.refusal() is not None))
+        if guard.limit_mb is not None:
+            Gauge("slm_memory_guard_limit_bytes", "RSS at which the memory guard refuses new requests",
+                  registry=self.metrics.registry).set(guard.limit_mb * 1024 * 1024)
         log.info("tier %s (%s), backend %s, model %s, %d slots", self.tier.tier.value, self.tier.reason,
                  self.tier.backend, self.tier.model, self.tier.parallel)
 
@@ -112,12 +135,24 @@ class GenerationService:
         return self.status == "ok"
 
     def ready(self) -> Engine:
+        if self.draining:
+            raise RequestError("the server is shutting down and admits no new requests", status=503,
+                               retry_after=RETRY_AFTER_S)
         if self.status == "loading":
             raise RequestError("the model is still loading; retry in a few seconds", status=503,
                                retry_after=RETRY_AFTER_S)
         if self.engine is None:
             raise RequestError(f"model not loaded: {self.load_error}", status=503)
         return self.engine
+
+    def drain(self, timeout_s: float) -> bool:
+        """Graceful shutdown: refuse new work (503), let running and waiting generations finish for up
+        to ``timeout_s``, cancel the rest. True when everything finished by itself."""
+        self.draining = True
+        engine = self.engine
+        finished = engine.drain(timeout_s) if engine is not None else True
+        log.info("drained: %s", "every request finished" if finished else f"cancelled what was left after {timeout_s} s")
+        return finished
 
     def close(self) -> None:
         engine, self.engine = self.engine, None
@@ -136,6 +171,7 @@ class GenerationService:
         lim, tier = self.limits, self.tier.tier.value
         if not isinstance(prompt, str):
             raise RequestError(f"{param} must be a string, got {type(prompt).__name__}", param=param)
+        check_text(param, prompt)
         if not prompt.strip():
             raise RequestError(f"{param} is empty: type some text to continue", param=param)
         if len(prompt) > lim.max_prompt_chars:
@@ -172,6 +208,8 @@ class GenerationService:
         if not lim.min_temperature <= t <= lim.max_temperature:
             raise RequestError(f"temperature must be between {lim.min_temperature} and {lim.max_temperature}, "
                                f"got {t}", param="temperature")
+        if 0 < t < 1e-4:
+            t = 0.0  # logits / 1e-320 overflow to inf; a temperature this small is greedy decoding anyway
         p = as_number("top_p", top_p)
         if not 0 < p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {p}", param="top_p")
@@ -188,6 +226,8 @@ class GenerationService:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stops) > 4 or any(not isinstance(x, str) or len(x) > 64 for x in stops):
             raise RequestError("stop takes at most 4 strings of at most 64 characters", param="stop")
+        for x in stops:
+            check_text("stop", x)
         return SamplingParams(max_new_tokens=n, temperature=t, top_p=p, top_k=k, seed=s,
                               stop=tuple(x for x in stops if x), repeat_penalty=rp,
                               use_chat_template=bool(use_chat_template))
@@ -197,6 +237,9 @@ class GenerationService:
               constraint: TokenConstraint | None = None) -> Generation:
         """Submit one generation; every surface's generations go through here (metrics, limits, TTFT)."""
         engine = self.ready()
+        if (refusal := self.memory_guard.refusal()) is not None:
+            self.metrics.record(endpoint, "memory_guard", 0)
+            raise RequestError(refusal, status=503, retry_after=RETRY_AFTER_S)
         try:
             return engine.submit(prompt, params, constraint, timeout_s=self.settings.request_timeout_s,
                                  on_done=lambda final: self._finished(endpoint, final))
@@ -234,6 +277,9 @@ class GenerationService:
         """A generation that failed in the model is a 500 for its caller (the server keeps serving)."""
         if final.finish_reason == "error":
             raise RequestError(f"generation failed: {final.error}", status=500)
+        if final.finish_reason == "timeout" and final.completion_tokens == 0:
+            raise RequestError(f"timed out after {final.elapsed_s:.1f} s before the first token "
+                               "(the server's SLM_REQUEST_TIMEOUT_S)", status=504)
 
     def generate_stream(self, prompt: Any, max_new_tokens: Any, temperature: Any = 0.8, top_p: Any = 1.0,
                         seed: Any = None, **extra: Any) -> Iterator[str]:
@@ -270,6 +316,7 @@ class GenerationService:
 
         if not isinstance(schema_text, str):
             raise RequestError("schema must be JSON text", param="schema")
+        check_text("schema", schema_text)
         params = self.sampling(max_new_tokens, temperature, seed=seed, cap=self.limits.max_structured_tokens)
         self.check_prompt(prompt)
         start = time.perf_counter()
@@ -297,7 +344,7 @@ class GenerationService:
         engine = self.engine
         info = engine.info() if engine is not None else None
         return {
-            "status": self.status,
+            "status": "draining" if self.draining else self.status,
             "model_loaded": engine is not None,
             "reason": self.load_error,
             "tier": self.tier.tier.value,
@@ -310,6 +357,7 @@ class GenerationService:
             "memory_usage": {"rss_mb": round(rss, 1), "usable_mb": round(usable, 1),
                              "percent_of_usable": round(100 * rss / usable, 1)},
             "rss_mb": round(rss, 1),
+            "memory_guard": self.memory_guard.status(),
             "system_memory_mb": memory.system_memory_mb(),
             **self.metrics.summary(),
         }

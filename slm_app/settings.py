@@ -132,6 +132,15 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=16, ge=1)  # requests waiting for a slot; more are refused
     request_timeout_s: float | None = Field(default=None, gt=0)  # waiting + generating, per request
     api_key: str | None = None  # bearer token for REST and OpenAI routes; off when unset
+    # With api_key set: also require it for the Gradio page (login), its API (gradio_client) and MCP.
+    protect_ui: bool = False
+    # Requests per minute per client (API key, else address) on the HTTP API and Gradio's queue; off when unset.
+    rate_limit: int | None = Field(default=None, ge=1)
+    # Refuse new work (503) while RSS is at or above this many MB, or this percent of usable memory.
+    memory_guard_mb: float | None = Field(default=None, gt=0)
+    memory_guard_percent: float = Field(default=90.0, ge=0, le=100)  # 0 turns the guard off
+    # On SIGTERM: stop admitting, let running generations finish for up to this long, cancel the rest.
+    drain_s: float = Field(default=30.0, ge=0)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
     warmup: bool = True  # compile XLA buckets / run one token at start-up
 

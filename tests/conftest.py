@@ -19,6 +19,7 @@ from slm_app.settings import Settings  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "llama: pro tier tests on llama.cpp with the embedded Gemma 3 270M GGUF")
     config.addinivalue_line("markers", "browser: drives the UI in headless Chromium through Playwright")
+    config.addinivalue_line("markers", "soak: long run on the real model (opt-in with SLM_SOAK=1)")
 
 
 @contextmanager

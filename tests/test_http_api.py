@@ -1,5 +1,6 @@
 """The plain HTTP contract (/generate, /health, /metrics), bearer auth and the MCP server, against the
-app served on a free port with the free tier's tiny-gpt2 (random weights: assert on shapes, not text)."""
+app served on a free port with the free tier's limits on the fake backend (the model does not matter
+here: these tests are about the HTTP layer)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import launch_app
 from slm_app.server import build_app, serve_in_thread
 from slm_app.settings import Settings
 
@@ -18,8 +20,9 @@ KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def app(free_app):
-    return free_app
+def app(tmp_path_factory):
+    with launch_app(Settings(tier="free", backend="fake", cache_dir=str(tmp_path_factory.mktemp("cache")))) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def http(app):
 @pytest.fixture(scope="module")
 def locked_app(tmp_path_factory):
     """A second app with SLM_API_KEY set whose model never loads: auth must answer before 'not ready'."""
-    settings = Settings(tier="free", api_key=KEY, cache_dir=str(tmp_path_factory.mktemp("cache2")))
+    settings = Settings(tier="free", backend="fake", api_key=KEY, cache_dir=str(tmp_path_factory.mktemp("cache2")))
     server = serve_in_thread(build_app(settings, load_model=False))
     yield server
     server.stop()
@@ -54,7 +57,8 @@ def test_generate_returns_one_result_per_prompt(http, prompts):
     r = http.post("/generate", json={"prompts": prompts, "max_tokens": 8, "temperature": 0.0})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert list(body) == ["results"] and len(body["results"]) == 1 and isinstance(body["results"][0], str)
+    assert list(body) == ["results", "finish_reasons"] and len(body["results"]) == 1
+    assert isinstance(body["results"][0], str) and body["finish_reasons"][0] in ("stop", "length")
 
 
 def test_generate_defaults_apply(http):
@@ -82,6 +86,17 @@ def test_generate_too_large_is_413_naming_the_limit(http, body, limit):
     ({"json": {"prompts": 42}}, "prompts"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, "not valid JSON"),
     ({"content": b"prompts=Hi"}, "must be a JSON object"),
+    # Python's JSON parser takes these; RFC 8259 and the tokenizer do not.
+    ({"content": b'{"prompts": "\\ud800 lone surrogate"}', "headers": {"content-type": "application/json"}},
+     "prompts: is not valid Unicode"),
+    ({"content": b'{"prompts": "a\\u0000b"}', "headers": {"content-type": "application/json"}},
+     "prompts: contains a NUL"),
+    ({"content": b'{"prompts": "Hi", "temperature": NaN}', "headers": {"content-type": "application/json"}},
+     "temperature: must be a finite number"),
+    ({"content": b'{"prompts": "Hi", "max_tokens": 1e999}', "headers": {"content-type": "application/json"}},
+     "max_tokens: must be a finite number"),
+    ({"content": b'{"prompts": ["ok", "\\udfff"]}', "headers": {"content-type": "application/json"}},
+     "prompts[1]: is not valid Unicode"),
 ])
 def test_generate_bad_requests_are_400_with_a_message(http, kwargs, fragment):
     r = http.post("/generate", **kwargs)
@@ -98,7 +113,7 @@ def test_unexpected_error_is_500_and_the_server_keeps_serving(app, http, monkeyp
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(app.service, "batch", broken)
+    monkeypatch.setattr(app.service, "check_prompts", broken)
     r = http.post("/generate", json={"prompts": "Hi", "max_tokens": 2})
     assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]
     monkeypatch.undo()
@@ -109,12 +124,14 @@ def test_generation_runs_off_the_event_loop(app, http, monkeypatch):
     """While a /generate is busy in its worker thread, /health still answers at once."""
     release, started = threading.Event(), threading.Event()
 
-    def slow_batch(*args, **kwargs):
+    real = app.service.check_prompts
+
+    def slow_check(*args, **kwargs):
         started.set()
         release.wait(20)
-        return []
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(app.service, "batch", slow_batch)
+    monkeypatch.setattr(app.service, "check_prompts", slow_check)
     pending = threading.Thread(target=lambda: http.post("/generate", json={"prompts": "Hi"}))
     pending.start()
     try:
@@ -134,6 +151,7 @@ def test_health_is_200_when_loaded(http):
     assert r.status_code == 200
     h = r.json()
     assert h["status"] == "ok" and h["model_loaded"] is True and h["reason"] is None and h["tier"] == "free"
+    assert h["memory_guard"]["refusing"] is False and h["memory_guard"]["limit_mb"] > 0
 
 
 def test_health_is_503_with_the_same_body_while_loading(locked_app):

@@ -10,6 +10,12 @@
   ``chat.completion`` with ``choices[0].message = {role: "assistant", content}``, ``finish_reason``
   (``"stop"`` or ``"length"``) and ``usage`` (prompt/completion/total tokens).
 
+  Request timeout (``SLM_REQUEST_TIMEOUT_S``): the answer is what was produced by then, with
+  ``finish_reason: "length"``. OpenAI's set of reasons has no "timeout", and strict clients (typed SDKs
+  that validate the enum) would fail on a new one; "length" already means "cut short by a server-side
+  limit, the text is incomplete", which is what the caller needs to know. The REST contract, which is
+  ours, says ``"timeout"``. Nothing produced at all is a 504.
+
   The messages become one prompt. A model with a chat template (``engine.render_chat(messages)``
   returning a string, e.g. from a GGUF's chat template) is used as is. Otherwise, as for the raw TF
   models, they are written as a transcript: ``System: ...`` / ``User: ...`` / ``Assistant: ...`` lines
@@ -28,8 +34,9 @@
   A client that disconnects cancels the generation. An error after the stream started arrives as
   ``data: {"error": ...}`` before ``[DONE]``.
 * Errors: ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad request), 401 (key), 404
-  (unknown model), 413 (prompt or batch too large), 422 (no valid structured output), 429 (busy),
-  503 (model loading or failed), 500 (a bug: logged, the server keeps serving).
+  (unknown model), 413 (prompt or batch too large), 422 (no valid structured output), 429 (rate
+  limit), 503 (busy, loading, failed, shutting down, memory guard), 504 (timed out before the first
+  token), 500 (a bug: logged, the server keeps serving). 429 and 503 carry ``Retry-After``.
 * The model is the one this server loaded: ``model`` must be an id from ``/v1/models`` (404 otherwise).
   Other OpenAI fields (``user``, ``logprobs``, ``echo``, ``presence_penalty``...) are accepted and ignored.
 """
@@ -47,12 +54,23 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
 from slm_app.engine import Engine, PreparedPrompt
 from slm_app.scheduler import Completion
-from slm_app.http_api import api_error, api_router, generation_steps, prompt_list
+from slm_app.api.common import (api_router, error_responses, generation_steps, printable, prompt_list,
+                                public_error)
 from slm_app.service import GenerationService, RequestError
+
+class _Anything(PathConvertor):
+    """Starlette's ``path`` without its blind spot: its ``.*`` does not match a newline, so an id holding
+    one fell through to the Gradio mount's 404 instead of this route's own error."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("anything", _Anything())
 
 _TRANSCRIPT_STOP = "\nUser:"
 _ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
@@ -61,7 +79,7 @@ _ERROR_KINDS = {400: ("invalid_request_error", None), 401: ("invalid_request_err
                 404: ("invalid_request_error", "model_not_found"),
                 413: ("invalid_request_error", "request_too_large"),
                 422: ("server_error", "invalid_output"), 429: ("rate_limit_error", "rate_limit_exceeded"),
-                503: ("server_error", "model_not_ready")}
+                503: ("server_error", "unavailable"), 504: ("server_error", "timeout")}
 
 
 def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
@@ -74,53 +92,142 @@ def _openai_error(status: int, message: str, param: str | None) -> Response:
 
 
 # ---- request bodies (unknown fields such as "user" or "logprobs" are ignored, as SDKs send them) ----
+# Strict types: a value is taken only in the type /openapi.json gives it ("5" is not an integer),
+# so what the schema documents is exactly what is accepted.
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(strict=True)
+
+    include_usage: bool = Field(default=False, description="Send a last chunk with usage before [DONE]")
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     # Optional fields may come as null (some clients send every field): null means OpenAI's default.
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    model: str = Field(description="A model id from GET /v1/models")
+    max_tokens: int | None = Field(default=None, description="New tokens, 1 to the tier's limit")
+    temperature: float | None = Field(default=None, description="0 to 2; 0 is greedy (default 1)")
+    top_p: float | None = Field(default=None, description="Nucleus sampling in (0, 1] (default 1)")
+    seed: int | None = Field(default=None, description="0 to 2**32-1 for reproducible sampling")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings of at most 64 characters")
+    n: int | None = Field(default=None, description="Choices per prompt: only 1 is supported")
+    stream: bool | None = Field(default=None, description="Answer as server-sent events")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(description="One prompt or a list (at most the tier's prompts per request); "
+                                                "raw continuation, no chat template")
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str = Field(description="system, developer, user or assistant")
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None, description="Text, or a list of parts of which only {type: text, text} are supported")
 
 
 class JsonSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
-    name: str = "response"
-    schema_: dict[str, Any] = Field(alias="schema")  # "schema" would shadow a BaseModel attribute
+    name: str = Field(default="response", description="A name for the schema")
+    # "schema" would shadow a BaseModel attribute
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the answer must validate against")
 
 
 class ResponseFormat(BaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, or JSON (any object, or a schema)")
+    json_schema: JsonSchemaFormat | None = Field(default=None, description="With type json_schema: {name, schema}")
 
 
 class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    response_format: ResponseFormat | None = None
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation, at least one message")
+    max_completion_tokens: int | None = Field(default=None, description="Overrides max_tokens when set")
+    response_format: ResponseFormat | None = Field(default=None, description="Constrain the answer to JSON")
+
+
+# ---- response bodies --------------------------------------------------------------------------------
+
+FinishReason = Literal["stop", "length"]
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="The model id to send as `model`")
+    object: Literal["model"] = "model"
+    created: int = Field(description="When the server started (Unix seconds)")
+    owned_by: str = Field(description="Always slm-space")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard] = Field(description="The model this server loaded (its id, and the configured name)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt(s) as the model saw them")
+    completion_tokens: int = Field(description="Tokens generated (every structured-output attempt included)")
+    total_tokens: int = Field(description="The sum of both")
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="The prompt's position in the request")
+    text: str = Field(description="The continuation")
+    logprobs: None = None
+    finish_reason: FinishReason = Field(description="stop: end of text or a stop string; length: the token "
+                                                    "limit or the request timeout")
+
+
+class TextCompletion(BaseModel):
+    id: str = Field(description="cmpl-...")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(description="Unix seconds")
+    model: str = Field(description="The model that answered")
+    system_fingerprint: None = None
+    choices: list[CompletionChoice] = Field(description="One per prompt, in order")
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str = Field(description="The answer (JSON text with response_format)")
+
+
+class ChatChoice(BaseModel):
+    index: int = Field(description="Always 0")
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason = Field(description="stop: end of text, a stop string or complete JSON; length: "
+                                                    "the token limit or the request timeout")
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="chatcmpl-...")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(description="Unix seconds")
+    model: str = Field(description="The model that answered")
+    system_fingerprint: None = None
+    choices: list[ChatChoice] = Field(description="One choice")
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong")
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(description="The request field at fault, when one is")
+    code: str | None = Field(description="A machine-readable code, when there is one")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def _streamed(description: str) -> dict[int | str, dict[str, Any]]:
+    return {200: {"description": description,
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 # ---- chat messages to one prompt ---------------------------------------------------------------
@@ -131,7 +238,8 @@ def _message_text(i: int, m: ChatMessage) -> str:
     parts = []
     for part in m.content:
         if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise RequestError(f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}")
+            raise RequestError(f"messages[{i}].content: only text parts are supported, got {part.get('type')!r}",
+                               param=f"messages[{i}].content")
         parts.append(part["text"])
     return "".join(parts)
 
@@ -141,7 +249,8 @@ def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> tuple[str, bool]
     turns = []
     for i, m in enumerate(messages):
         if m.role not in _ROLES:
-            raise RequestError(f"messages[{i}].role {m.role!r} is not supported (use system, user or assistant)")
+            raise RequestError(f"messages[{i}].role {m.role!r} is not supported (use system, user or assistant)",
+                               param=f"messages[{i}].role")
         turns.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)})
     if (rendered := engine.render_chat(turns)) is not None:
         return rendered, True
@@ -178,7 +287,9 @@ _CHAT = _Kind("chat", "chat.completion", "chat.completion.chunk", "chatcmpl-", c
 
 
 def _finish_reason(seq: Completion, params: SamplingParams) -> str:
-    if seq.finish_reason == "length" or (seq.finish_reason is None and seq.completion_tokens >= params.max_new_tokens):
+    """OpenAI's reason; the request timeout is "length" (see the module docstring)."""
+    if seq.finish_reason in ("length", "timeout") or (
+            seq.finish_reason is None and seq.completion_tokens >= params.max_new_tokens):
         return "length"
     return "stop"
 
@@ -205,7 +316,7 @@ class _Job:
         return {"id": self.kind.id_prefix + self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, **extra}
 
-    async def answer(self, stream: bool) -> Response:
+    async def answer(self, stream: bool) -> dict[str, Any] | Response:
         if not stream:
             seqs: list[Completion] = []
             async with aclosing(self.steps):
@@ -213,7 +324,7 @@ class _Job:
                     pass
             choices = [self.kind.choice(i, self.kind.visible(s.text), _finish_reason(s, self.params))
                        for i, s in enumerate(seqs)]
-            return JSONResponse(self.envelope(self.kind.object, choices, usage=_usage(seqs)))
+            return self.envelope(self.kind.object, choices, usage=_usage(seqs))  # checked by the response_model
         # Wait for the first step before answering 200, so busy / not loaded still get their status.
         first = await anext(self.steps, None)
         return StreamingResponse(self._events(first), media_type="text/event-stream",
@@ -260,7 +371,8 @@ class _Job:
             if self.include_usage:
                 yield self._chunk([], usage=_usage(seqs))
         except RequestError as exc:
-            yield f"data: {json.dumps(_error_body(exc.status, *api_error(exc)))}\n\n"
+            message, param = public_error(exc)
+            yield f"data: {json.dumps(_error_body(exc.status, printable(message), param))}\n\n"
         except Exception as exc:  # the 200 is sent: all that is left is to say so in the stream
             yield f"data: {json.dumps(_error_body(500, f'generation failed ({type(exc).__name__})', None))}\n\n"
         yield "data: [DONE]\n\n"
@@ -287,13 +399,14 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
 
     def check_model(name: str) -> str:
         if name not in model_ids():
-            raise RequestError(f"model {name!r} is not served here; GET /v1/models lists {model_ids()}", status=404)
+            raise RequestError(f"model {name!r} is not served here; GET /v1/models lists {model_ids()}", status=404,
+                               param="model")
         return name
 
     def sampling(body: _Sampling, max_tokens: int | None, default_max: int, stops: list[str],
                  use_chat_template: bool, cap: int | None = None) -> SamplingParams:
         if body.n not in (None, 1):
-            raise RequestError(f"n must be 1 (one choice per prompt), got {body.n}")
+            raise RequestError(f"n must be 1 (one choice per prompt), got {body.n}", param="n")
         return service.sampling(max_tokens if max_tokens is not None else default_max,
                                 1.0 if body.temperature is None else body.temperature,
                                 1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
@@ -302,16 +415,23 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
     def stops_of(body: _Sampling) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
-    @router.get("/models")
+    errors = error_responses(ErrorResponse, (400, 401, 404, 413, 429, 503, 504))
+
+    @router.get("/models", response_model=ModelList, responses=error_responses(ErrorResponse, (401, 429)))
     def list_models() -> dict[str, Any]:
+        """The model this server serves."""
         return {"object": "list", "data": [model_card(m) for m in model_ids()]}
 
-    @router.get("/models/{model_id:path}")
+    @router.get("/models/{model_id:anything}", response_model=ModelCard,
+                responses=error_responses(ErrorResponse, (401, 404, 429)))
     def retrieve_model(model_id: str) -> dict[str, Any]:
+        """One model, by id (404 for any other)."""
         return model_card(check_model(model_id))
 
-    @router.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    @router.post("/completions", response_model=TextCompletion,
+                 responses={**errors, **_streamed("With stream: text_completion chunks, then [DONE]")})
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """Raw continuation of one prompt or a batch (no chat template)."""
         def prepare() -> tuple[list[PreparedPrompt], SamplingParams]:
             # OpenAI's default of 16 tokens, within the tier's cap. Raw continuation: no chat template.
             params = sampling(body, body.max_tokens, min(16, lim.max_new_tokens), stops_of(body), False)
@@ -322,11 +442,15 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         steps = generation_steps(service, _COMPLETION.endpoint, prompts, params, request)
         return await _Job(_COMPLETION, model, params, _include_usage(body), steps).answer(bool(body.stream))
 
-    @router.post("/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+    @router.post("/chat/completions", response_model=ChatCompletion,
+                 responses={**errors, **error_responses(ErrorResponse, (422,)),
+                            **_streamed("With stream: chat.completion.chunk chunks, then [DONE]")})
+    async def chat_completions(body: ChatRequest, request: Request) -> Any:
+        """A chat answer; response_format constrains it to JSON (validated against the schema)."""
         fmt = body.response_format.type if body.response_format else "text"
         if fmt == "json_schema" and body.response_format.json_schema is None:
-            raise RequestError("response_format: type json_schema needs json_schema: {name, schema}")
+            raise RequestError("response_format: type json_schema needs json_schema: {name, schema}",
+                               param="response_format")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
         def prepare() -> tuple[PreparedPrompt, SamplingParams]:
@@ -363,7 +487,8 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         elif error.startswith("truncated"):
             text, finish = result.get("raw_text", ""), "length"
         else:
-            raise RequestError(f"no JSON valid against the schema was produced: {error}", status=422)
+            raise RequestError(f"no JSON valid against the schema was produced: {error}", status=422,
+                               param="response_format")
         # "tokens" counts every attempt the engine made: all of them were generated, so all are usage.
         return [Completion(text=text, prompt_tokens=len(prompt.ids), completion_tokens=int(result.get("tokens") or 0),
                            finish_reason=finish, seed=params.seed or 0)]
