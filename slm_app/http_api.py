@@ -143,7 +143,10 @@ def guarded_route_class(service: GenerationService, render: ErrorRenderer, *, au
                     return await handler(_limit_body(request))
                 except RequestError as exc:
                     message, param = api_error(exc)
-                    return render(exc.status, message, param)
+                    response = render(exc.status, message, param)
+                    if exc.retry_after is not None:  # busy / not ready (ours, or an upstream's passed through)
+                        response.headers["Retry-After"] = str(exc.retry_after)
+                    return response
                 except RequestValidationError as exc:
                     return render(400, *_validation_message(exc))
                 except HTTPException as exc:  # including the body limit's 413

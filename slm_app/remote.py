@@ -148,7 +148,10 @@ class _Call:
     cancelled: bool = False
     task: asyncio.Task | None = None
     cond: threading.Condition = field(default_factory=threading.Condition)
-    version: int = 0
+    # -1: nothing published yet, so a reader's first update is the first token or the failure (as
+    # ``Generation`` starts from "seen -1"). An HTTP surface then answers an upstream's refusal with
+    # its status instead of a 200 stream that carries the error.
+    version: int = -1
     snapshot: Completion | None = None
     async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
 
@@ -460,7 +463,6 @@ class RemoteEngine(Engine):
                 await self._wait_wake(call)
             call.started = time.perf_counter()
             self._wake.set()  # the next in line may fit too
-            call.publish()
             remaining = None if call.deadline is None else call.deadline - time.perf_counter()
             async with asyncio.timeout(remaining):
                 await self._stream(call)
