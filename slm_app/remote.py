@@ -277,6 +277,12 @@ class RemoteEngine(Engine):
             if not models and not self.pinned_model:
                 raise UpstreamFailure(f"{self.public_url}/models lists no model; set SLM_REMOTE_MODEL", 502)
             card = next((m for m in response.json()["data"] if m.get("id") == (self.pinned_model or models[0])), {})
+        except httpx.ReadTimeout:
+            # Connected, but no answer in time: a server that runs one request at a time (llama-cpp-
+            # python's) is busy with someone else's. Busy is not down: keep the last verdict.
+            log.info("upstream %s slow to answer the probe (busy?)", self.public_url)
+            with self._health_lock:
+                return self._health.reachable
         except (httpx.HTTPError, UpstreamFailure, ValueError, KeyError, TypeError, AttributeError) as exc:
             self._set_down(_describe(exc, self.public_url))
             return False
@@ -351,12 +357,16 @@ class RemoteEngine(Engine):
 
     async def _tokenize(self, path: str, text: str) -> list[int]:
         # One body for every dialect: llama-cpp-python reads "input", llama-server "content", vLLM
-        # "model" + "prompt"; each ignores the others' fields.
-        body = {"input": text, "content": text, "prompt": text, "model": self.model, "add_special": True}
+        # "model" + "prompt", TGI "inputs"; each ignores the others' fields.
+        body = {"input": text, "content": text, "prompt": text, "inputs": text, "model": self.model,
+                "add_special": True}
         response = await self._client.post(f"{self.root}{path}", json=body)
         if response.status_code != 200:
             raise UpstreamFailure(f"POST {path} answered {response.status_code}", response.status_code)
-        tokens = response.json().get("tokens")
+        data = response.json()
+        if isinstance(data, list):  # TGI: [{"id", "text", "start", "stop"}, ...]
+            return [t["id"] for t in data if isinstance(t, dict) and isinstance(t.get("id"), int)]
+        tokens = data.get("tokens") if isinstance(data, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ValueError(f"POST {path} did not answer with token ids")
         return tokens
@@ -694,12 +704,20 @@ def generate_structured_remote(service: Any, engine: RemoteEngine, prompt: str, 
 
     start = time.perf_counter()
     schema = structured.parse_schema(schema_text, service.limits)
-    full = _PROMPT.format(prompt=prompt, schema=json.dumps(schema, separators=(",", ":"), ensure_ascii=False))
-    ids = engine.tokenize(engine.format_prompt(full, True))
+    shown = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+
+    def with_instruction(template: str) -> str:
+        if isinstance(prompt, ChatPrompt) and prompt.messages:  # a conversation (OpenAI chat route): keep
+            *head, last = prompt.messages                       # its turns, instruct in the last one
+            return ChatPrompt([*head, {**last, "content": template.format(prompt=last["content"], schema=shown)}])
+        return engine.format_prompt(template.format(prompt=prompt, schema=shown), True)
+
+    text = with_instruction(_PROMPT)
+    ids = engine.tokenize(text)
     if len(ids) > service.limits.max_prompt_tokens:
-        full = _PROMPT_NO_SCHEMA.format(prompt=prompt)  # the upstream's format (if any) still carries the schema
-        ids = engine.tokenize(engine.format_prompt(full, True))
-    prepared = PreparedPrompt(engine.format_prompt(full, True), ids)
+        text = with_instruction(_PROMPT_NO_SCHEMA)  # the upstream's format (if any) still carries the schema
+        ids = engine.tokenize(text)
+    prepared = PreparedPrompt(text, ids)
     formats = list(RESPONSE_FORMATS[RESPONSE_FORMATS.index(engine.structured_format or RESPONSE_FORMATS[0]):])
     tries = max(1, attempts) if params.temperature > 0 else 1
     tokens, raw, data, error, attempt = 0, "", None, "no attempt was made", 0
