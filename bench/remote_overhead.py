@@ -14,6 +14,8 @@ Rows: "single": one stream (TTFT = request sent to first text; decode tok/s = to
 / time after the first; end-to-end tok/s = tokens / whole request). "4 concurrent": four different
 prompts sent at once (the app's Batch does this); tok/s = all tokens / wall time. llama-cpp-python's
 server runs one request at a time, so the four are served one after another on both sides.
+"1-token request": the fixed cost per request (for the app: one more hop, and counting the prompt's
+tokens with the upstream's tokenizer), over --overhead-pairs alternating pairs.
 Goal (issue 12): app ≥ 0.95× the upstream's tok/s, TTFT + ≤ 30 ms.
 """
 
@@ -151,6 +153,14 @@ async def run(args: argparse.Namespace) -> None:
                                        ("batch_wall", wall)):
                         r.setdefault(key, []).append(value)
                 print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+            # The fixed cost per request, with as little model time as possible: one short prompt, one
+            # token, many alternating pairs. The same prompt every time, so every request (either side)
+            # meets the same prompt cache.
+            tiny = {"model": model, "prompt": "Hello", "max_tokens": 1, "temperature": 0, "stream": True}
+            fixed: dict[str, list[float]] = {"direct": [], "app": []}
+            for i in range(args.overhead_pairs):
+                for side in (["direct", "app"] if i % 2 == 0 else ["app", "direct"]):
+                    fixed[side].append((await stream(client, f"{targets[side]}/completions", tiny))["total"])
     finally:
         for proc in (app, upstream):
             if proc is not None and proc.poll() is None:
@@ -162,19 +172,30 @@ async def run(args: argparse.Namespace) -> None:
 
     med = {side: {k: statistics.median(v) for k, v in r.items()} for side, r in results.items()}
     d, a = med["direct"], med["app"]
+    # Paired per repeat (the two ran back to back): steadier than comparing medians on a busy machine.
+    pairs = {k: [x - y for x, y in zip(results["app"][k], results["direct"][k])] for k in ("ttft", "batch_wall")}
+    ratios = {k: [x / y for x, y in zip(results["app"][k], results["direct"][k]) if y]
+              for k in ("decode_tps", "e2e_tps", "batch_tps")}
+
+    def spread(values: list[float], scale: float = 1.0, fmt: str = "+.0f") -> str:
+        return f"{statistics.median(values) * scale:{fmt}} (range {min(values) * scale:{fmt}} … {max(values) * scale:{fmt}})"
+
     print(f"\nUpstream: llama-cpp-python server, {Path(gguf).name}, {args.threads} threads; "
           f"{args.max_new} new tokens, greedy; medians of {args.repeats} interleaved repeats.\n")
-    print("| request | metric | upstream directly | through the app | app / direct |")
+    print("| request | metric | upstream directly | through the app | app vs direct, paired per repeat: median (range) |")
     print("|---|---|---|---|---|")
     print(f"| single stream | TTFT (ms) | {d['ttft'] * 1000:.0f} | {a['ttft'] * 1000:.0f} | "
-          f"+{(a['ttft'] - d['ttft']) * 1000:.0f} ms |")
+          f"{spread(pairs['ttft'], 1000)} ms |")
     for key, label in (("decode_tps", "decode tok/s"), ("e2e_tps", "end-to-end tok/s")):
-        print(f"| single stream | {label} | {d[key]:.1f} | {a[key]:.1f} | {a[key] / d[key]:.3f}× |")
+        print(f"| single stream | {label} | {d[key]:.1f} | {a[key]:.1f} | {spread(ratios[key], fmt='.3f')}× |")
     print(f"| single stream | tokens | {d['tokens']:.0f} | {a['tokens']:.0f} | |")
     print(f"| 4 concurrent streams | tok/s (all tokens / wall) | {d['batch_tps']:.1f} | {a['batch_tps']:.1f} | "
-          f"{a['batch_tps'] / d['batch_tps']:.3f}× |")
+          f"{spread(ratios['batch_tps'], fmt='.3f')}× |")
+    delta = [x - y for x, y in zip(fixed["app"], fixed["direct"])]
+    print(f"| 1-token request ×{args.overhead_pairs} | whole request (ms) | {statistics.median(fixed['direct']) * 1000:.0f} | "
+          f"{statistics.median(fixed['app']) * 1000:.0f} | {spread(delta, 1000)} ms |")
     print(f"| 4 concurrent streams | wall (s) | {d['batch_wall']:.2f} | {a['batch_wall']:.2f} | "
-          f"+{(a['batch_wall'] - d['batch_wall']) * 1000:.0f} ms |")
+          f"{spread(pairs['batch_wall'], 1000)} ms |")
     print(f"\nlogs: {logs}")
 
 
@@ -185,6 +206,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-new", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--overhead-pairs", type=int, default=30)
     parser.add_argument("--model", help="a .gguf (default: the embedded Gemma 3 270M)")
     asyncio.run(run(parser.parse_args()))
 

@@ -515,7 +515,9 @@ class RemoteEngine(Engine):
                     if not event.data.strip():
                         continue
                     chunk = json.loads(event.data)
-                    if isinstance(chunk, dict) and chunk.get("error"):
+                    if not isinstance(chunk, dict):
+                        raise UpstreamFailure(f"the upstream sent an event that is not an object: {event.data[:100]}", 502)
+                    if chunk.get("error"):
                         error = chunk["error"]
                         message = error.get("message") if isinstance(error, dict) else str(error)
                         raise UpstreamFailure(f"the upstream failed mid-stream: {message}", 502)
