@@ -21,7 +21,9 @@ every surface (Gradio tabs, REST, OpenAI routes, MCP) work unchanged.
   (OpenAI-style servers without one: TGI's OpenAI route, Ollama) it counts UTF-8 bytes plus one:
   every tokenizer these servers use (byte-level BPE, SentencePiece with byte fallback) spends at
   least one byte per token, plus at most one BOS, so the count never lets an over-long prompt
-  through; it refuses some prompts that would have fit (English is ~4 bytes per token).
+  through; it refuses some prompts that would have fit (English is ~4 bytes per token). The same
+  bound saves the round trip to the upstream's tokenizer for every prompt it already proves short
+  enough (most of them); their exact count, for usage, is fetched while the answer streams.
 * Health: a probe (``GET /v1/models``) every ``SLM_REMOTE_HEALTH_INTERVAL_S`` (every second while
   the upstream is down, and not while requests are streaming, which prove it is up) keeps
   reachability, latency and the model id current; while the upstream is down requests are refused
@@ -76,6 +78,13 @@ class ChatPrompt(str):
         obj = super().__new__(cls, rendered)
         obj.messages = tuple({"role": m["role"], "content": m["content"]} for m in messages)
         return obj
+
+
+class ByteBound(list):
+    """Token "ids" that are the prompt's UTF-8 bytes after a BOS: their count is an upper bound of the
+    real token count (see ``ESTIMATE``). ``tokenize`` returns one instead of asking the upstream when
+    the bound already proves the prompt fits the tier's limit, which saves a round trip before the
+    first token; the exact count is then fetched while the answer streams (usage numbers)."""
 
 
 # How a structured request asks the upstream for JSON, best first. "plain" asks for nothing.
@@ -137,6 +146,7 @@ class _Call:
     constraint: ResponseFormat | None
     deadline: float | None
     on_done: Callable[[Completion], None] | None
+    count_text: str | None = None  # prompt_tokens is a ByteBound: count this text upstream meanwhile
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     first_token: float | None = None
@@ -197,7 +207,7 @@ class RemoteEngine(Engine):
     def __init__(self, url: str, *, api_key: str | None = None, model: str | None = None, parallel: int = 4,
                  queue_size: int = 16, connect_timeout_s: float = 5.0, read_timeout_s: float = 120.0,
                  retries: int = 2, health_interval_s: float = 5.0, chat_template: bool = True,
-                 on_availability: Callable[[bool], None] | None = None):
+                 prompt_token_limit: int | None = None, on_availability: Callable[[bool], None] | None = None):
         url = url.strip().rstrip("/")
         parsed = httpx.URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
@@ -212,6 +222,7 @@ class RemoteEngine(Engine):
         self.parallel, self.queue_size = parallel, queue_size
         self.health_interval_s = health_interval_s
         self.chat_template = chat_template
+        self.prompt_token_limit = prompt_token_limit
         self._on_availability = on_availability
         self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=read_timeout_s,
                                       pool=None)  # waiting for a pooled connection is our own queue's job
@@ -240,7 +251,7 @@ class RemoteEngine(Engine):
         self._prober = asyncio.run_coroutine_threadsafe(self._probe_loop(), self._loop)
 
     @classmethod
-    def from_settings(cls, settings: Settings, parallel: int,
+    def from_settings(cls, settings: Settings, parallel: int, prompt_token_limit: int | None = None,
                       on_availability: Callable[[bool], None] | None = None) -> "RemoteEngine":
         if not settings.remote_url:
             raise BackendUnavailable("SLM_BACKEND=remote needs SLM_REMOTE_URL (the base URL of an "
@@ -250,7 +261,7 @@ class RemoteEngine(Engine):
                    queue_size=settings.queue_size, connect_timeout_s=settings.remote_connect_timeout_s,
                    read_timeout_s=settings.remote_read_timeout_s, retries=settings.remote_retries,
                    health_interval_s=settings.remote_health_interval_s, chat_template=settings.chat_template,
-                   on_availability=on_availability)
+                   prompt_token_limit=prompt_token_limit, on_availability=on_availability)
 
     async def _make_client(self, headers: dict[str, str], transport: httpx.AsyncHTTPTransport) -> httpx.AsyncClient:
         return httpx.AsyncClient(headers=headers, transport=transport, timeout=self._timeout)
@@ -372,10 +383,12 @@ class RemoteEngine(Engine):
         return tokens
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids from the upstream's tokenizer; with none, the UTF-8 bytes (see ``ESTIMATE``):
-        the service only counts them."""
-        if self._tokenize_path is None:
-            return [0, *text.encode("utf-8")]  # BOS + one per byte: the upper bound
+        """Token ids from the upstream's tokenizer; a ``ByteBound`` when there is none, or when the
+        bound already fits ``prompt_token_limit`` (no round trip: the exact count comes later)."""
+        data = text.encode("utf-8")
+        if self._tokenize_path is None or (self.prompt_token_limit is not None
+                                           and len(data) + 1 <= self.prompt_token_limit):
+            return ByteBound([0, *data])
         try:
             return self._run(self._tokenize(self._tokenize_path, text))
         except httpx.ConnectError as exc:
@@ -421,8 +434,10 @@ class RemoteEngine(Engine):
             raise TypeError("a remote engine takes a ResponseFormat, not a token constraint (no local logits)")
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         path, payload = self._payload(prompt.text, params, seed, isinstance(prompt.text, ChatPrompt), constraint)
+        exact_later = isinstance(prompt.ids, ByteBound) and self._tokenize_path is not None
         call = _Call(path, payload, len(prompt.ids), params, seed, constraint,
-                     None if timeout_s is None else time.perf_counter() + timeout_s, on_done)
+                     None if timeout_s is None else time.perf_counter() + timeout_s, on_done,
+                     count_text=str(prompt.text) if exact_later else None)
         call.snapshot = call.completion()
         with self._lock:
             if not self._admitting or self._closed:
@@ -507,7 +522,7 @@ class RemoteEngine(Engine):
             if response.status_code != 200:
                 raise _http_failure(response, await response.aread(), call.constraint is not None)
             self._set_up()
-            usage_tokens = None
+            usage_tokens = usage_prompt = count_task = None
             try:
                 async for event in source.aiter_sse():
                     if event.data.strip() == "[DONE]":
@@ -521,8 +536,11 @@ class RemoteEngine(Engine):
                         error = chunk["error"]
                         message = error.get("message") if isinstance(error, dict) else str(error)
                         raise UpstreamFailure(f"the upstream failed mid-stream: {message}", 502)
-                    if isinstance(chunk.get("usage"), dict) and chunk["usage"].get("completion_tokens") is not None:
-                        usage_tokens = int(chunk["usage"]["completion_tokens"])
+                    if isinstance(usage := chunk.get("usage"), dict):
+                        if usage.get("completion_tokens") is not None:
+                            usage_tokens = int(usage["completion_tokens"])
+                        if usage.get("prompt_tokens") is not None:
+                            usage_prompt = int(usage["prompt_tokens"])
                     grew = False
                     for choice in chunk.get("choices") or ():
                         piece = choice.get("text")
@@ -539,11 +557,23 @@ class RemoteEngine(Engine):
                         call.completion_tokens += 1
                         if call.first_token is None:
                             call.first_token = time.perf_counter()
+                            if call.count_text is not None:  # now, off the path to the first token
+                                count_task = asyncio.create_task(self._tokenize(self._tokenize_path, call.count_text))
                         call.publish()
+                if usage_prompt is not None:
+                    call.prompt_tokens = usage_prompt
+                elif count_task is not None:
+                    try:
+                        call.prompt_tokens = len(await count_task)
+                    except (httpx.HTTPError, UpstreamFailure, ValueError) as exc:  # keep the upper bound
+                        log.warning("counting the prompt's tokens upstream failed: %s", exc)
             except SSEError as exc:
                 raise UpstreamFailure(f"the upstream did not answer with server-sent events: {exc}", 502) from None
             except json.JSONDecodeError as exc:
                 raise UpstreamFailure(f"the upstream sent an event that is not JSON: {exc}", 502) from None
+            finally:
+                if count_task is not None and not count_task.done():
+                    count_task.cancel()
             if usage_tokens is not None:
                 call.completion_tokens = usage_tokens
             if call.upstream_finish is None:

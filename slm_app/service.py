@@ -95,7 +95,8 @@ class GenerationService:
                 from slm_app.remote import RemoteEngine
 
                 self.engine = RemoteEngine.from_settings(
-                    self.settings, self.tier.parallel, on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
+                    self.settings, self.tier.parallel, prompt_token_limit=self.limits.max_prompt_tokens,
+                    on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
             else:
                 self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
             self.status = "ok"

@@ -287,7 +287,10 @@ def test_openai_sdk_through_the_app(sdk, upstream):
     plain = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0, seed=3)
     direct = upstream.fresh("/completions", prompt="Once upon a time", max_tokens=12, temperature=0, seed=3)
     assert plain.choices[0].text == direct["choices"][0]["text"]
+    # Usage is the upstream tokenizer's count (fetched while streaming: "Once upon a time" provably
+    # fits the limit, so it was not counted upstream before sending).
     assert plain.usage.completion_tokens == direct["usage"]["completion_tokens"]
+    assert plain.usage.prompt_tokens == direct["usage"]["prompt_tokens"]
     upstream.reset()
     chunks = list(sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
                                          seed=3, stream=True))
