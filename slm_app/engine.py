@@ -65,6 +65,11 @@ class Engine(ABC):
     def stop_admitting(self) -> None:
         """Refuse new requests from now on (shutdown)."""
 
+    def unavailable_reason(self) -> str | None:
+        """Why the engine cannot serve right now (a remote upstream that is down), or None.
+        A local engine that loaded is always available."""
+        return None
+
     @abstractmethod
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Log-probabilities of ``tokens[1:]`` (perplexity)."""

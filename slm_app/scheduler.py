@@ -57,6 +57,9 @@ class Completion:
     ttft_s: float | None = None  # submit to first token
     elapsed_s: float = 0.0  # submit to this snapshot
     error: str | None = None  # what failed when finish_reason is "error"
+    # The HTTP status a failure maps to, when it is not a server error (a remote upstream's 429/503).
+    status: int | None = None
+    retry_after: int | None = None
 
     @property
     def done(self) -> bool:

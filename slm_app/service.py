@@ -114,9 +114,16 @@ class GenerationService:
     def load(self) -> None:
         """Load the engine. Failures are kept and reported, never raised: the app serves on."""
         try:
-            self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
+            if self.tier.backend == "remote":  # an OpenAI-compatible server holds the model
+                from slm_app.remote import RemoteEngine
+
+                self.engine = RemoteEngine.from_settings(
+                    self.settings, self.tier.parallel, prompt_token_limit=self.limits.max_prompt_tokens,
+                    on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
+            else:
+                self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
             self.status = "ok"
-            self.metrics.model_loaded.set(1)
+            self.metrics.model_loaded.set(0 if self.engine.unavailable_reason() else 1)
         except Exception as exc:  # any failure to load is reported on /health, not fatal
             self.load_error = str(exc) if isinstance(exc, BackendUnavailable) else f"{type(exc).__name__}: {exc}"
             self.status = "error"
@@ -141,9 +148,12 @@ class GenerationService:
         if self.status == "loading":
             raise RequestError("the model is still loading; retry in a few seconds", status=503,
                                retry_after=RETRY_AFTER_S)
-        if self.engine is None:
+        engine = self.engine
+        if engine is None:
             raise RequestError(f"model not loaded: {self.load_error}", status=503)
-        return self.engine
+        if (why := engine.unavailable_reason()) is not None:  # a remote upstream that is down
+            raise RequestError(f"model not available: {why}", status=503, retry_after=RETRY_AFTER_S)
+        return engine
 
     def drain(self, timeout_s: float) -> bool:
         """Graceful shutdown: refuse new work (503), let running and waiting generations finish for up
@@ -276,6 +286,10 @@ class GenerationService:
     def raise_failure(final: Completion) -> None:
         """A generation that failed in the model is a 500 for its caller (the server keeps serving)."""
         if final.finish_reason == "error":
+            # A remote engine's failures carry the status they map to (upstream 429/503 pass through).
+            if final.status is not None:
+                raise RequestError(final.error or "the upstream failed", status=final.status,
+                                   retry_after=final.retry_after)
             raise RequestError(f"generation failed: {final.error}", status=500)
         if final.finish_reason == "timeout" and final.completion_tokens == 0:
             raise RequestError(f"timed out after {final.elapsed_s:.1f} s before the first token "
@@ -312,7 +326,7 @@ class GenerationService:
 
     def structured(self, prompt: Any, schema_text: Any, max_new_tokens: Any, temperature: Any = 0.0,
                    seed: Any = None, cancel: threading.Event | None = None) -> dict[str, Any]:
-        from slm_app import structured
+        from slm_app import remote, structured
 
         if not isinstance(schema_text, str):
             raise RequestError("schema must be JSON text", param="schema")
@@ -321,15 +335,19 @@ class GenerationService:
         self.check_prompt(prompt)
         start = time.perf_counter()
         try:
-            result = structured.generate_structured(
-                _StructuredRunner(self, cancel), prompt, schema_text, limits=self.limits,
-                max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed)
+            if isinstance(engine := self.ready(), remote.RemoteEngine):  # no local logits: its own path
+                api = remote.generate_structured_remote(self, engine, prompt, schema_text, params, cancel)
+            else:
+                api = structured.generate_structured(
+                    _StructuredRunner(self, cancel), prompt, schema_text, limits=self.limits,
+                    max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                    seed=params.seed).to_api()
         except structured.SchemaError as exc:
             self.metrics.record("structured_result", "bad_schema", time.perf_counter() - start)
             raise RequestError(f"schema: {exc}", param="schema") from None
-        self.metrics.record("structured_result", "ok" if result.success else "invalid_output",
+        self.metrics.record("structured_result", "ok" if api["success"] else "invalid_output",
                             time.perf_counter() - start)
-        return result.to_api()
+        return api
 
     # ---- health ----------------------------------------------------------------------------
     def collect_garbage(self) -> dict[str, float]:
@@ -343,10 +361,12 @@ class GenerationService:
         usable = memory.usable_memory_mb()
         engine = self.engine
         info = engine.info() if engine is not None else None
+        # A remote engine is loaded but may be unable to serve (upstream down): say so, and why.
+        unavailable = engine.unavailable_reason() if engine is not None else None
         return {
-            "status": "draining" if self.draining else self.status,
-            "model_loaded": engine is not None,
-            "reason": self.load_error,
+            "status": "draining" if self.draining else "unavailable" if unavailable else self.status,
+            "model_loaded": engine is not None and unavailable is None,
+            "reason": self.load_error or unavailable,
             "tier": self.tier.tier.value,
             "tier_reason": self.tier.reason,
             "backend": self.tier.backend,

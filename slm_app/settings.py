@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slm_app import memory
@@ -106,7 +106,8 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
 }
 
 
-BackendName = Literal["tensorflow", "llama.cpp", "fake"]
+# "remote": no model here; requests go to an OpenAI-compatible server (slm_app.remote).
+BackendName = Literal["tensorflow", "llama.cpp", "fake", "remote"]
 
 
 class Settings(BaseSettings):
@@ -116,7 +117,7 @@ class Settings(BaseSettings):
 
     tier: Tier = Tier.auto
     model: str | None = None  # hub id, local dir, local .gguf, repo_id:filename, or embedded:<name>
-    backend: BackendName | None = None  # default: the tier's; "fake" is the scripted test model
+    backend: BackendName | None = None  # default: the tier's; "fake" is the scripted test model; "remote"
 
     # Per-limit overrides of the tier's defaults.
     max_prompts: int | None = Field(default=None, ge=1)
@@ -154,6 +155,15 @@ class Settings(BaseSettings):
     use_mmap: bool = True
     use_mlock: bool = False
     chat_template: bool = True  # use the GGUF's chat template when it has one
+
+    # Remote backend: an OpenAI-compatible server (llama-server, vLLM, TGI, Ollama...) does the work.
+    remote_url: str | None = None  # base URL of its /v1, e.g. http://127.0.0.1:8080/v1
+    remote_api_key: SecretStr | None = None  # sent as "Authorization: Bearer"; never shown or logged
+    remote_model: str | None = None  # default: the first model the server lists
+    remote_connect_timeout_s: float = Field(default=5.0, gt=0)
+    remote_read_timeout_s: float = Field(default=120.0, gt=0)  # longest silence between two bytes
+    remote_retries: int = Field(default=2, ge=0, le=10)  # on connect errors only (nothing was sent yet)
+    remote_health_interval_s: float = Field(default=5.0, gt=0)  # reachability probe (1 s while down)
 
     # Fake backend (tests): milliseconds each decode step takes.
     fake_step_ms: float = Field(default=0.0, ge=0)
@@ -238,7 +248,10 @@ def effective_limits(profile: TierProfile, settings: Settings) -> TierLimits:
 
 
 def resolve_tier(settings: Settings) -> ResolvedTier:
-    if settings.tier is Tier.auto:
+    if settings.tier is Tier.auto and settings.backend == "remote":
+        # The model lives on the upstream: this machine's memory and packages say nothing about it.
+        tier, reason = Tier.pro, "auto: remote backend (the upstream holds the model); pro limits"
+    elif settings.tier is Tier.auto:
         tier, reason = pick_auto_tier(memory.usable_memory_mb(), llama_cpp_installed())
     else:
         tier, reason = settings.tier, f"SLM_TIER={settings.tier.value}"
@@ -247,7 +260,10 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
     if limits.min_temperature > limits.max_temperature:
         raise ValueError("temperature range is empty after SLM_* overrides")
     backend = settings.backend or profile.backend
-    model = settings.model or (profile.model if backend == profile.backend else backend)
+    if backend == "remote":  # "remote" is an alias of whatever model the upstream serves
+        model = settings.remote_model or settings.model or "remote"
+    else:
+        model = settings.model or (profile.model if backend == profile.backend else backend)
     return ResolvedTier(profile=profile, limits=limits, model=model, backend=backend,
                         parallel=settings.parallel or profile.parallel, reason=reason)
 
