@@ -15,7 +15,7 @@ import gradio as gr  # noqa: E402
 import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
-from slm_app import http_api, openai_api  # noqa: E402
+from slm_app import feedback_api, http_api, openai_api  # noqa: E402
 from slm_app.service import GenerationService  # noqa: E402
 from slm_app.settings import Settings, load_settings  # noqa: E402
 from slm_app.ui import build_ui, gradio_concurrency  # noqa: E402
@@ -39,6 +39,7 @@ def build_app(settings: Settings | None = None, load_model: bool = True) -> Fast
     # Our routes before the mount: Gradio at "/" would otherwise answer every path.
     http_api.register_routes(app, service)
     openai_api.register_routes(app, service)
+    feedback_api.register_routes(app, service)
     # mcp_server: each named Gradio endpoint is also an MCP tool, at /gradio_api/mcp (streamable HTTP).
     app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api", "settings"], mcp_server=True)
     if load_model:
