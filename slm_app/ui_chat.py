@@ -119,14 +119,15 @@ class FeedbackForm:
     correction: gr.Textbox
     update: gr.Button
     status: gr.Markdown
+    box: gr.Accordion
 
     @property
     def outputs(self) -> list[Any]:
         return [self.saved, self.answer, self.rating, self.correction, self.status]
 
 
-def _form(store: FeedbackStore, label: str) -> FeedbackForm:
-    with gr.Accordion(label, open=True):
+def _form(store: FeedbackStore, label: str, open: bool = True) -> FeedbackForm:
+    with gr.Accordion(label, open=open) as box:
         saved = gr.State(None)
         status = gr.Markdown(PRIVACY_NOTE)
         answer = gr.Textbox(label="Answer rated", lines=3, interactive=False)
@@ -135,7 +136,7 @@ def _form(store: FeedbackStore, label: str) -> FeedbackForm:
             correction = gr.Textbox(label="Corrected answer (optional)", lines=3,
                                     placeholder="What the model should have answered")
         update = gr.Button("Update feedback")
-    form = FeedbackForm(saved, answer, rating, correction, update, status)
+    form = FeedbackForm(saved, answer, rating, correction, update, status, box)
 
     @_gr_errors
     def update_feedback(saved: dict | None, rating: Any, correction: str) -> str:
@@ -145,7 +146,8 @@ def _form(store: FeedbackStore, label: str) -> FeedbackForm:
         note = " with your correction" if correction and correction.strip() else ""
         return f"✅ Feedback #{saved['id']} updated: rating {rating}{note}. {PRIVACY_NOTE}"
 
-    update.click(update_feedback, [saved, rating, correction], status, api_visibility="private", queue=False)
+    # Queued (the default): Gradio shows a refused request's message as a toast only for queued events.
+    update.click(update_feedback, [saved, rating, correction], status, api_visibility="private")
     return form
 
 
@@ -194,7 +196,10 @@ def build_chat_tab(service: GenerationService) -> None:
                 raise gr.Error(exc.message, print_exception=False) from None
 
         # The chat's events share the model's slots with Generate/Batch: the scheduler is the queue.
-        gr.ChatInterface(chat, chatbot=chatbot, additional_inputs=[system, tokens, temp, top_p, seed],
+        # Our own textbox only for a stable id: ChatInterface clears the placeholder after the first turn.
+        message = gr.Textbox(placeholder="Type a message...", elem_id="chat-message", submit_btn=True,
+                             stop_btn=True, autofocus=False)
+        gr.ChatInterface(chat, chatbot=chatbot, textbox=message, additional_inputs=[system, tokens, temp, top_p, seed],
                          api_name="chat", concurrency_limit=service.tier.parallel + service.settings.queue_size,
                          autofocus=False, fill_height=False)
         form = _form(store, "Feedback on an answer (👍 / 👎 on it first)")
@@ -212,8 +217,7 @@ def build_chat_tab(service: GenerationService) -> None:
                 sampling=sampling_record(zip(CHAT_SAMPLING, (max_new_tokens, temperature, top_p, seed))))
             return _saved(feedback_id, rating, answer)
 
-        chatbot.like(on_like, [chatbot, system, tokens, temp, top_p, seed], form.outputs,
-                     api_visibility="private", queue=False)
+        chatbot.like(on_like, [chatbot, system, tokens, temp, top_p, seed], form.outputs, api_visibility="private")
 
         @_gr_errors
         def feedback(output: str, rating: int, prompt: str = "", messages: str = "", correction: str = "",
@@ -243,7 +247,9 @@ def build_output_feedback(service: GenerationService, prompt: gr.Textbox, output
     with gr.Row():
         up = gr.Button("👍 Good output", size="sm")
         down = gr.Button("👎 Bad output", size="sm")
-    form = _form(store, "Feedback on the output")
+    # Collapsed until a thumb is clicked. (Rendered open here, Gradio 6.17.3's page threw a TypeError
+    # from the Chat tab's Chatbot when that tab was first shown; collapsed, it does not.)
+    form = _form(store, "Feedback on the output", open=False)
     names = [name for name, _ in sampling]
 
     def thumb(liked: bool) -> Callable:
@@ -255,13 +261,13 @@ def build_output_feedback(service: GenerationService, prompt: gr.Textbox, output
             feedback_id = store.add(prompt=prompt_text, output=output_text, rating=rating,
                                     model=loaded_model(service), source="generate",
                                     sampling=sampling_record(zip(names, values)))
-            return _saved(feedback_id, rating, output_text)
+            return (*_saved(feedback_id, rating, output_text), gr.Accordion(open=True))
 
         return send
 
     inputs = [prompt, output, *[component for _, component in sampling]]
-    up.click(thumb(True), inputs, form.outputs, api_visibility="private", queue=False)
-    down.click(thumb(False), inputs, form.outputs, api_visibility="private", queue=False)
+    up.click(thumb(True), inputs, [*form.outputs, form.box], api_visibility="private")
+    down.click(thumb(False), inputs, [*form.outputs, form.box], api_visibility="private")
 
 
 def build_feedback_health(service: GenerationService, refresh: gr.Button) -> None:
