@@ -349,6 +349,11 @@ class GenerationService:
                             time.perf_counter() - start)
         return api
 
+    def model_id(self) -> str:
+        """The model being served (or, before it loads, the one configured)."""
+        engine = self.engine
+        return engine.info().model_id if engine is not None else self.tier.model
+
     # ---- health ----------------------------------------------------------------------------
     def collect_garbage(self) -> dict[str, float]:
         report = memory.collect_garbage()

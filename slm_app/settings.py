@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     drain_s: float = Field(default=30.0, ge=0)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
     warmup: bool = True  # compile XLA buckets / run one token at start-up
+    # User data (the feedback database). Default: "slm_app_data" beside the cache dir, so clearing
+    # the model cache never deletes feedback.
+    data_dir: str | None = None
 
     # TensorFlow backend.
     xla: bool = True
@@ -167,6 +170,10 @@ class Settings(BaseSettings):
 
     # Fake backend (tests): milliseconds each decode step takes.
     fake_step_ms: float = Field(default=0.0, ge=0)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir or Path(self.cache_dir).expanduser().parent / "slm_app_data").expanduser()
 
     @model_validator(mode="after")
     def _temperature_range(self) -> "Settings":

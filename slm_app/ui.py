@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
+from slm_app import ui_chat, ui_evaluate
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
 
@@ -158,6 +159,11 @@ def build_ui(service: GenerationService) -> gr.Blocks:
             g_out = gr.Textbox(label="Generated text", lines=8)
             g_button.click(generate, [g_prompt, g_tokens, g_temp, g_top_p, g_seed, g_top_k, g_stop, g_chat, g_rep],
                            g_out, api_name="generate", **model_events)
+            ui_chat.build_output_feedback(service, g_prompt, g_out, [
+                ("max_new_tokens", g_tokens), ("temperature", g_temp), ("top_p", g_top_p), ("seed", g_seed),
+                ("top_k", g_top_k), ("stop", g_stop), ("use_chat_template", g_chat), ("repeat_penalty", g_rep)])
+
+        ui_chat.build_chat_tab(service)
 
         with gr.Tab("Batch"):
             b_prompts = gr.Textbox(label=f"Prompts, one per line (at most {lim.max_prompts})", lines=5)
@@ -193,12 +199,15 @@ def build_ui(service: GenerationService) -> gr.Blocks:
             s_event.failure(lambda: ("❌ Request refused: see the error message.", ""), None, [s_status, s_raw],
                             api_visibility="private", queue=False)
 
+        ui_evaluate.build_evaluate_tab(service)
+
         with gr.Tab("Health & Memory"):
             with gr.Row():
                 h_button = gr.Button("Refresh", variant="primary")
                 gc_button = gr.Button("Run garbage collection")
             h_out = gr.JSON(label="Health")
             gc_out = gr.JSON(label="Garbage collection (RSS before/after, MB)")
+            ui_chat.build_feedback_health(service, h_button)
             h_plot = gr.LinePlot(_memory_frame(service), x="uptime_s", y="rss_mb",
                                  title="Process memory (RSS, MB) over uptime (s)", label="Memory")
             refresh = h_button.click(health, None, h_out, api_name="health", queue=False)

@@ -35,12 +35,12 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException  # FastAPI's is a subclass
 from starlette.types import Message
 
@@ -273,6 +273,17 @@ def guarded_route_class(service: GenerationService, render: ErrorRenderer, *, au
             return guarded
 
     return GuardedRoute
+
+
+class ErrorResponse(BaseModel):
+    """The REST routes' error body (the OpenAI routes answer in OpenAI's error shape instead)."""
+
+    error: str = Field(description="What was wrong; names the field when one is at fault")
+    status: int = Field(description="The HTTP status, repeated")
+
+
+def rest_error(status: int, message: str, param: str | None) -> Response:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
 def api_router(service: GenerationService, render: ErrorRenderer, *, auth: bool = True, rate_limited: bool = True,

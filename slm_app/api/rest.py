@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
-from slm_app.api.common import api_router, error_responses, generation_steps, prompt_list
+from slm_app.api.common import ErrorResponse, api_router, error_responses, generation_steps, prompt_list, rest_error
 from slm_app.service import GenerationService
 
 
@@ -53,18 +53,14 @@ class GenerateResponse(BaseModel):
                     "the server's request timeout (SLM_REQUEST_TIMEOUT_S; the text is what was produced)")
 
 
-class ErrorResponse(BaseModel):
-    error: str = Field(description="What was wrong; names the field when one is at fault")
-    status: int = Field(description="The HTTP status, repeated")
-
-
 class HealthResponse(BaseModel):
     """The main fields; the body carries more (limits, slots, memory, latency...), as listed by /health."""
 
     model_config = ConfigDict(extra="allow")
 
-    status: Literal["ok", "loading", "error", "draining", "closed"] = Field(
-        description="ok: serving; loading; error: the model failed to load (see reason); draining: shutting down")
+    status: Literal["ok", "loading", "error", "draining", "closed", "unavailable"] = Field(
+        description="ok: serving; loading; error: the model failed to load (see reason); draining: shutting "
+                    "down; unavailable: a remote upstream cannot be reached (see reason)")
     model_loaded: bool = Field(description="Whether the model is loaded")
     reason: str | None = Field(description="Why the model is not loaded, when it is not")
     tier: str = Field(description="The tier in force: free, standard or pro")
@@ -75,15 +71,11 @@ class HealthResponse(BaseModel):
         description="limit_mb, source, refusing (true while new requests are refused for memory) and reason")
 
 
-def _rest_error(status: int, message: str, param: str | None) -> Response:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
-
-
 def register_routes(app: FastAPI, service: GenerationService) -> None:
     """Add /generate and /metrics (behind the key when set) and /health (always open) to ``app``."""
-    private = api_router(service, _rest_error)
-    metrics_router = api_router(service, _rest_error, rate_limited=False)  # scrapers poll it
-    public = api_router(service, _rest_error, auth=False, rate_limited=False)
+    private = api_router(service, rest_error)
+    metrics_router = api_router(service, rest_error, rate_limited=False)  # scrapers poll it
+    public = api_router(service, rest_error, auth=False, rate_limited=False)
 
     @private.post("/generate", response_model=GenerateResponse,
                   responses=error_responses(ErrorResponse, (400, 401, 413, 429, 503, 504)))
