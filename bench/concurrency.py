@@ -267,8 +267,13 @@ class BareEngine:
         return Round([Run(**json.loads(line))], time.perf_counter() - t0)
 
     def stop(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # the worker's loop ends at end of input
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # interrupted mid-request
+            self.proc.kill()
+            self.proc.wait()
         self.log.close()
 
 
@@ -279,6 +284,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+STARTED: list["ServerProcess"] = []  # stopped on any exit, so no server outlives the bench
 
 
 class ServerProcess:
@@ -298,6 +306,7 @@ class ServerProcess:
         # Its own process group, so stopping it also stops anything it spawned, and nothing else.
         self.proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, cwd=self.cwd, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        STARTED.append(self)
 
     def wait_ready(self, timeout: float) -> float:
         t0 = time.perf_counter()
@@ -319,6 +328,13 @@ class ServerProcess:
             time.sleep(0.5)
         raise BenchError(f"{self.name} not ready after {timeout:.0f} s ({reason}); log: {self.log_path}")
 
+    def log_lines(self, *needles: str) -> list[str]:
+        """The first log line containing each needle (what the server says it configured)."""
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            return [next(line.strip() for line in lines if n in line) for n in needles if any(n in x for x in lines)]
+        return []
+
     def tail(self, n: int = 15) -> str:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -333,22 +349,23 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        if self.proc:
+        if self.proc and not self.log.closed:
             self.log.close()
 
 
 def app_server(args: argparse.Namespace, slots: int, log_dir: Path) -> ServerProcess:
     port = free_port()
     env = {"SLM_TIER": "pro" if args.mode == "llama" else "standard", "SLM_PARALLEL": str(slots),
-           "SLM_N_THREADS": str(args.threads), "SLM_N_CTX": str(args.n_ctx), "SLM_N_BATCH": str(args.n_batch),
            "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+    if args.mode == "llama":  # what llama-server gets too; TensorFlow reads none of these
+        env.update(SLM_N_THREADS=str(args.threads), SLM_N_CTX=str(args.n_ctx), SLM_N_BATCH=str(args.n_batch))
     if args.backend:
         env["SLM_BACKEND"] = args.backend
     if args.backend == "fake":  # the scripted model needs no model file
         env["SLM_FAKE_STEP_MS"] = str(args.fake_step_ms)
     elif args.model:
         env["SLM_MODEL"] = args.model
-    return ServerProcess("app", [args.python, "app.py"], env, port, log_dir / f"app-np{slots}.log", REPO)
+    return ServerProcess("app", [args.python, "app.py"], env, port, log_dir / f"app-np{slots}.log", args.app_dir)
 
 
 def llama_server(args: argparse.Namespace, slots: int, log_dir: Path) -> ServerProcess:
@@ -379,15 +396,31 @@ def resolve_gguf(cache_dir: Path) -> str:
     return str(target)
 
 
-def resolve_random_gpt2(cache_dir: Path) -> str:
-    """GPT-2 124M (GPT2Config's defaults) with seeded random weights, built once by the app's builder."""
-    for module in ("slm_app.provisioning", "slm_app.provisioning.tiny_gpt2", "slm_app.backends.tf_gpt2"):
-        try:
-            build_random_gpt2 = getattr(__import__(module, fromlist=["build_random_gpt2"]), "build_random_gpt2")
-        except (ImportError, AttributeError):
-            continue
-        return str(build_random_gpt2(cache_dir / "gpt2-124m-random", seed=0))
-    raise BenchError("found no build_random_gpt2 in slm_app; pass --model with a local GPT-2 folder")
+def resolve_random_gpt2(cache_dir: Path, python: str, app_dir: Path) -> str:
+    """GPT-2 124M (GPT2Config's defaults) with seeded random weights, built once by the app's builder.
+
+    Built in a child process: importing TensorFlow would leave ~600 MB and its thread pools in the
+    client process for the whole run.
+    """
+    target = cache_dir / "gpt2-124m-random"
+    code = (
+        "import pathlib, sys\n"
+        "errors = []\n"
+        "for module in ('slm_app.provisioning', 'slm_app.provisioning.tiny_gpt2', 'slm_app.backends.tf_gpt2'):\n"
+        "    try:\n"
+        "        build = getattr(__import__(module, fromlist=['build_random_gpt2']), 'build_random_gpt2')\n"
+        "    except (ImportError, AttributeError) as exc:\n"
+        "        errors.append(f'{module}: {exc}')\n"
+        "        continue\n"
+        "    print(build(pathlib.Path(sys.argv[1]), seed=0)); break\n"
+        "else:\n"
+        "    sys.exit('found no build_random_gpt2 in slm_app: ' + '; '.join(errors))\n"
+    )
+    done = subprocess.run([python, "-c", code, str(target)], cwd=app_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"could not build the random GPT-2 124M ({done.stderr.strip().splitlines()[-1:]}); "
+                         f"pass --model with a local GPT-2 folder")
+    return done.stdout.strip().splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -462,6 +495,9 @@ async def run_llama(args: argparse.Namespace, log_dir: Path) -> None:
                     s.start()
                 ready = {s.name: s.wait_ready(args.start_timeout) for s in servers}
                 commands.extend(f"N={n}: {s.describe()}  (ready in {ready[s.name]:.1f} s)" for s in servers)
+                if have_server and n == args.clients[0]:  # what llama-server chose where we left its defaults
+                    commands.extend(f"    llama-server: {line}" for line in servers[1].log_lines(
+                        "system_info", "flash_attn", "n_ctx_seq", "initializing, n_slots"))
                 async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
                     engines: dict[str, Any] = {}
                     for s in servers:
@@ -610,6 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-bare", action="store_true", help="skip the bare llama-cpp-python single-stream baseline")
     ap.add_argument("--fake-step-ms", type=float, default=15.0, help="SLM_FAKE_STEP_MS with --backend fake")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs app.py")
+    ap.add_argument("--app-dir", type=Path, default=REPO, help="checkout whose app.py is started (default: this one)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="s to wait for /health 200")
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--logs", help="keep the servers' logs in this folder (default: a temporary one)")
@@ -625,16 +662,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # asyncio.run cancels the rounds; every finally block stops its servers
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.bare_worker:
         return bare_worker_main(args)
+    signal.signal(signal.SIGTERM, _interrupt)
     cache_dir = Path(os.environ.get("SLM_CACHE_DIR", Path.home() / ".cache" / "slm_app")).expanduser()
     # llama-server and the bare baseline need the GGUF even when the app runs its fake backend.
     if args.mode == "llama" and not args.model:
         args.model = resolve_gguf(cache_dir)
-    if args.mode == "tf" and not args.model and args.backend != "fake":
-        args.model = resolve_random_gpt2(cache_dir)
     with contextlib.ExitStack() as stack:
         if args.logs:
             log_dir = Path(args.logs)
@@ -642,11 +682,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slm-bench-")))
         try:
+            if args.mode == "tf" and not args.model and args.backend != "fake":
+                args.model = resolve_random_gpt2(cache_dir, args.python, args.app_dir)
             asyncio.run(run_llama(args, log_dir) if args.mode == "llama" else run_tf(args, log_dir))
         except BenchError as exc:
             if not args.logs:
                 print("(rerun with --logs DIR to keep the servers' logs)", file=sys.stderr)
             raise SystemExit(f"bench failed: {exc}") from None
+        except KeyboardInterrupt:
+            raise SystemExit("bench interrupted") from None
+        finally:
+            for server in STARTED:
+                server.stop()
 
 
 if __name__ == "__main__":
