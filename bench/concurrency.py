@@ -513,6 +513,11 @@ async def run_llama(args: argparse.Namespace, log_dir: Path) -> None:
                     s.stop()
             for name, rounds in res.items():
                 notes += check_counts(f"N={n} {name}", rounds, args.max_tokens)
+            if "llama-server" in res:  # same greedy work? (batched numerics may flip a near tie)
+                pairs = [(a.text, b.text) for ra, rb in zip(res["app"], res["llama-server"])
+                         for a, b in zip(ra.runs, rb.runs)]
+                notes.append(f"N={n}: app and llama-server gave the same greedy text for "
+                             f"{sum(a == b for a, b in pairs)} of {len(pairs)} requests")
             rows.append((n, slots, res, load_before, load_avg()))
             if n == 1:
                 single = res
