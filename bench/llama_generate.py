@@ -1,18 +1,23 @@
-"""Speed of the pro tier's llama.cpp path: bare llama-cpp-python vs our backend (vs the running app).
+"""Speed of the pro tier's llama.cpp path: bare llama-cpp-python vs our backend under the Scheduler.
 
     .venv/bin/python bench/llama_generate.py [--repeats 5] [--threads N] [--max-new 128]
-                                             [--model PATH.gguf] [--app-url http://127.0.0.1:7860]
+                                             [--model PATH.gguf | embedded:NAME] [--identity 16]
 
 Same GGUF (default: the embedded Gemma 3 270M), same threads, n_ctx, n_batch, greedy decoding.
-"bare" is ``Llama.create_completion(stream=True)``; "backend" is ``LlamaCppBackend.decode`` in-process;
-"app" (only with --app-url) streams the app's ``generate`` endpoint through gradio_client.
-Each engine runs in its own worker process, so RSS is its own and the two never share a mapping;
-both stay loaded for the whole run and the requests alternate between them, so a busy neighbour
-slows both alike. Prints a markdown table of medians over --repeats runs.
+"bare" is ``Llama.create_completion(stream=True)``, one prompt at a time (it takes one);
+"scheduler" is ``LlamaCppBackend`` driven by ``slm_app.scheduler.Scheduler`` with 4 slots, as the
+app runs it. Each engine runs in its own worker process (RSS is its own; the two never share a
+mapping); both stay loaded for the whole run and the cases alternate between them, so a busy
+neighbour slows both alike. Prints a markdown table of medians over --repeats interleaved runs.
 
-Rows: "single" is one prompt (prompt tok/s = prompt tokens / time to first token; decode tok/s =
-tokens after the first / time after the first). "batch ×4" is four prompts: bare runs them one after
-another, the backend in one llama.cpp batch; its tok/s is all generated tokens / wall time.
+Cases: "single" is one prompt (prompt tok/s = prompt tokens / time to first token; decode tok/s =
+tokens after the first / time after the first). "4 in turn" runs four prompts one after another,
+"4 concurrent" submits all four at once (the scheduler decodes them in one llama.cpp batch per
+step); their tok/s is all generated tokens / wall time.
+
+``--identity N`` also runs N prompts greedily alone and then in groups of four concurrent requests
+and reports the share whose tokens are identical: a multi-row batch runs other matmul kernels and
+summation orders than a one-row batch, so near-ties may flip.
 """
 
 from __future__ import annotations
@@ -47,6 +52,15 @@ BATCH_PROMPTS = [
     "def quicksort(items):\n    \"\"\"Sort a list.\"\"\"\n",
     "A recipe for bread: first, mix the flour and",
 ]
+IDENTITY_PROMPTS = [
+    "The capital of France is", "Water boils at", "My favourite animal is the", "1, 2, 3, 4,",
+    "The best way to learn a language is", "In 1969, astronauts", "A good breakfast includes",
+    "The three primary colours are", "import numpy as np\n", "Dear Sir or Madam,", "The sun rises in the",
+    "Photosynthesis is the process", "To make tea, first", "The largest ocean on Earth is",
+    "Once upon a time", "The quick brown fox", "Mount Everest is", "Shakespeare wrote",
+    "The speed of light is", "A haiku about autumn:", "The Roman Empire fell", "Rain is caused by",
+    "My grandmother used to say", "The first computer was",
+]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -64,8 +78,7 @@ def bare_worker(args: argparse.Namespace):
     llama = llama_cpp.Llama(model_path=args.model, n_ctx=args.n_ctx, n_threads=args.threads,
                             n_threads_batch=args.threads, n_batch=args.n_batch, verbose=False)
 
-    def one(prompt: str, max_new: int) -> tuple[int, int, float, float, float]:
-        """(prompt tokens, completion tokens, start, first token time, last token time)"""
+    def one(prompt: str, max_new: int) -> dict:
         n_prompt = len(llama.tokenize(prompt.encode(), add_bos=True, special=True))
         t0 = time.perf_counter()
         first = last = None
@@ -82,86 +95,80 @@ def bare_worker(args: argparse.Namespace):
         # Without stop strings every token is one chunk, except bytes of a split UTF-8 character;
         # a run that hit max_tokens made exactly max_new tokens.
         n_out = max_new if finish == "length" else chunks
-        return n_prompt, n_out, t0, first or t0, last or t0
+        return {"prompt": n_prompt, "out": n_out, "ttft": (first or t0) - t0, "end": (last or t0) - t0}
 
-    def run(prompts: list[str], max_new: int) -> dict:
+    def run(prompts: list[str], max_new: int, concurrent: bool) -> dict:
+        assert not concurrent, "create_completion takes one prompt"
         t0 = time.perf_counter()
-        results = [one(p, max_new) for p in prompts]  # create_completion takes one prompt: in turn
-        return summarise(results, t0, time.perf_counter())
+        results = [one(p, max_new) for p in prompts]
+        return summarise(results, time.perf_counter() - t0)
 
-    return run
+    return run, None
 
 
-def backend_worker(args: argparse.Namespace):
+def scheduler_worker(args: argparse.Namespace):
     from slm_app.backends.base import SamplingParams
     from slm_app.backends.llama_cpp_backend import LlamaCppBackend
-    from slm_app.settings import TIER_PROFILES, Settings, Tier
+    from slm_app.scheduler import Scheduler
+    from slm_app.settings import EngineConfig
 
-    settings = Settings(model=args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_batch=args.n_batch)
-    backend = LlamaCppBackend.load(TIER_PROFILES[Tier.pro], settings, args.model)
+    config = EngineConfig(backend="llama.cpp", model=args.model, cache_dir=Path(args.cache_dir), n_slots=4,
+                          max_prompt_tokens=args.n_ctx, max_new_tokens=args.max_new, n_ctx=args.n_ctx,
+                          n_threads=args.threads, n_batch=args.n_batch, warmup=False)
+    backend = LlamaCppBackend.load(config)
+    scheduler = Scheduler(backend)
 
-    def run(prompts: list[str], max_new: int) -> dict:
-        params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
+    def submit(prompt: str, max_new: int):
+        # Raw completion, as the bare engine does (no chat template), BOS as the model wants it.
+        return scheduler.submit(backend.tokenize(prompt), SamplingParams(max_new_tokens=max_new, temperature=0.0))
+
+    def as_result(final) -> dict:
+        return {"prompt": final.prompt_tokens, "out": final.completion_tokens, "ttft": final.ttft_s,
+                "end": final.elapsed_s, "ids": None}
+
+    def run(prompts: list[str], max_new: int, concurrent: bool) -> dict:
         t0 = time.perf_counter()
-        first = last = None
-        seqs = []
-        for seqs in backend.decode(prompts, params):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-        t_end = time.perf_counter()
-        return summarise([(s.prompt_tokens, s.completion_tokens, t0, first, last) for s in seqs], t0, t_end)
+        if concurrent:
+            finals = [g.result(600) for g in [submit(p, max_new) for p in prompts]]
+        else:
+            finals = [submit(p, max_new).result(600) for p in prompts]
+        return summarise([as_result(f) for f in finals], time.perf_counter() - t0)
 
-    return run
+    def identity(prompts: list[str], max_new: int) -> dict:
+        """Greedy texts alone, then in groups of four concurrent requests."""
+        alone = [submit(p, max_new).result(600).text for p in prompts]
+        together = []
+        for i in range(0, len(prompts), 4):
+            together += [g.result(600).text for g in [submit(p, max_new) for p in prompts[i:i + 4]]]
+        return {"alone": alone, "together": together}
+
+    return run, identity
 
 
-def summarise(results: list[tuple[int, int, float, float, float]], t0: float, t_end: float) -> dict:
+def summarise(results: list[dict], wall: float) -> dict:
     if len(results) == 1:
-        n_prompt, n_out, start, first, last = results[0]
-        return {"ttft_s": first - start, "prompt_tok_s": n_prompt / (first - start),
-                "decode_tok_s": (n_out - 1) / (last - first) if last > first else None,
-                "tokens": n_out, "rss_mb": rss_mb()}
-    n_out = sum(r[1] for r in results)
-    return {"ttft_s": results[0][3] - results[0][2], "prompt_tok_s": None,
-            "decode_tok_s": n_out / (t_end - t0), "tokens": n_out, "rss_mb": rss_mb()}
+        r = results[0]
+        return {"ttft_s": r["ttft"], "prompt_tok_s": r["prompt"] / r["ttft"],
+                "decode_tok_s": (r["out"] - 1) / (r["end"] - r["ttft"]) if r["end"] > r["ttft"] else None,
+                "tokens": r["out"], "rss_mb": rss_mb()}
+    n_out = sum(r["out"] for r in results)
+    return {"ttft_s": statistics.median(r["ttft"] for r in results), "prompt_tok_s": None,
+            "decode_tok_s": n_out / wall, "tokens": n_out, "rss_mb": rss_mb()}
 
 
 def worker_main(args: argparse.Namespace) -> None:
     """Serve requests from stdin, one JSON line each, answering one JSON line each."""
     t0 = time.perf_counter()
-    run = bare_worker(args) if args.worker == "bare" else backend_worker(args)
+    run, identity = bare_worker(args) if args.worker == "bare" else scheduler_worker(args)
     load_s = time.perf_counter() - t0
-    run(["Hello"], 4)  # warm-up: fault in the mapped weights, allocate buffers
+    run(["Hello"], 4, False)  # warm-up: fault in the mapped weights, allocate buffers
     print(json.dumps({"load_s": load_s, "rss_mb": rss_mb()}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        print(json.dumps(run(req["prompts"], req["max_new"])), flush=True)
-
-
-# ----------------------------------------------------------------------------- the app
-
-
-def app_run(url: str, prompts: list[str], max_new: int, count_tokens) -> dict | None:
-    """Stream the app's ``generate`` endpoint; ``batch`` is not streamed, so only single prompts."""
-    if len(prompts) != 1:
-        return None
-    from gradio_client import Client
-
-    client = app_run.client = getattr(app_run, "client", None) or Client(url, verbose=False)
-    t0 = time.perf_counter()
-    first = last = None
-    text = ""
-    job = client.submit(prompt=prompts[0], max_new_tokens=max_new, temperature=0.0, top_p=1.0, seed=-1,
-                        top_k=0, stop="", use_chat_template=True, repeat_penalty=1.0, api_name="/generate")
-    for update in job:
-        now = time.perf_counter()
-        if update:
-            first = first or now
-            last, text = now, update
-    n_prompt, n_out = count_tokens(prompts[0]), count_tokens(text, bos=False)
-    return {"ttft_s": first - t0, "prompt_tok_s": n_prompt / (first - t0),
-            "decode_tok_s": (n_out - 1) / (last - first) if last > first else None,
-            "tokens": n_out, "rss_mb": None}
+        if req.get("identity"):
+            print(json.dumps(identity(req["prompts"], req["max_new"])), flush=True)
+        else:
+            print(json.dumps(run(req["prompts"], req["max_new"], req["concurrent"])), flush=True)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -169,7 +176,8 @@ def app_run(url: str, prompts: list[str], max_new: int, count_tokens) -> dict | 
 
 def start_worker(kind: str, args: argparse.Namespace) -> tuple[subprocess.Popen, dict]:
     cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--threads", str(args.threads),
-           "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch)]
+           "--n-ctx", str(args.n_ctx), "--n-batch", str(args.n_batch), "--max-new", str(args.max_new),
+           "--cache-dir", args.cache_dir]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     ready = proc.stdout.readline()
@@ -178,8 +186,8 @@ def start_worker(kind: str, args: argparse.Namespace) -> tuple[subprocess.Popen,
     return proc, json.loads(ready)
 
 
-def ask(proc: subprocess.Popen, prompts: list[str], max_new: int) -> dict:
-    proc.stdin.write(json.dumps({"prompts": prompts, "max_new": max_new}) + "\n")
+def ask(proc: subprocess.Popen, **request) -> dict:
+    proc.stdin.write(json.dumps(request) + "\n")
     proc.stdin.flush()
     return json.loads(proc.stdout.readline())
 
@@ -190,41 +198,44 @@ def fmt(v: float | None, spec: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="GGUF file (default: the embedded Gemma 3 270M Q4_K_M)")
+    ap.add_argument("--model", default="embedded:gemma-3-270m", help="GGUF file or embedded:NAME")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--n-batch", type=int, default=512)
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--app-url", help="a running app (python app.py) to stream /generate from")
-    ap.add_argument("--worker", choices=["bare", "backend"], help=argparse.SUPPRESS)
+    ap.add_argument("--identity", type=int, default=0, metavar="N",
+                    help=f"greedy identical-output share over N prompts (at most {len(IDENTITY_PROMPTS)})")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--worker", choices=["bare", "scheduler"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model is None:
-        from slm_app.backends.llama_cpp_backend import embedded_gguf
-        from slm_app.settings import Settings
+    from slm_app.settings import Settings
 
-        args.model = str(embedded_gguf(Path(Settings().cache_dir)))
+    args.cache_dir = args.cache_dir or str(Path(Settings().cache_dir).expanduser())
+    if args.model.startswith("embedded:"):  # the bare engine needs the file
+        from slm_app.provisioning.embedded import embedded_model
+
+        args.model = str(embedded_model(args.model).locate(Path(args.cache_dir)))
     if args.worker:
         return worker_main(args)
 
-    workers = {kind: start_worker(kind, args) for kind in ("bare", "backend")}
-    tokenizer = None
-    if args.app_url:
-        import llama_cpp
-
-        tokenizer = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
-
-    def count_tokens(text: str, bos: bool = True) -> int:
-        return len(tokenizer.tokenize(text.encode(), add_bos=bos, special=True))
-
-    cases = {"single": [PROMPT], "batch ×4": BATCH_PROMPTS}
+    workers = {kind: start_worker(kind, args) for kind in ("bare", "scheduler")}
+    bare, sched = workers["bare"][0], workers["scheduler"][0]
+    # (case, engine) -> how to ask it
+    plan = [
+        ("single", "bare", dict(prompts=[PROMPT], concurrent=False), bare),
+        ("single", "scheduler", dict(prompts=[PROMPT], concurrent=False), sched),
+        ("4 in turn", "bare", dict(prompts=BATCH_PROMPTS, concurrent=False), bare),
+        ("4 in turn", "scheduler", dict(prompts=BATCH_PROMPTS, concurrent=False), sched),
+        ("4 concurrent", "scheduler", dict(prompts=BATCH_PROMPTS, concurrent=True), sched),
+    ]
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
-        for case, prompts in cases.items():
-            for kind, (proc, _) in workers.items():
-                runs.setdefault((case, kind), []).append(ask(proc, prompts, args.max_new))
-            if args.app_url and (res := app_run(args.app_url, prompts, args.max_new, count_tokens)):
-                runs.setdefault((case, "app"), []).append(res)
+        for case, kind, request, proc in plan:
+            runs.setdefault((case, kind), []).append(ask(proc, max_new=args.max_new, **request))
+    identity = None
+    if args.identity:
+        identity = ask(sched, identity=True, prompts=IDENTITY_PROMPTS[:args.identity], max_new=args.max_new)
     for proc, _ in workers.values():
         proc.stdin.close()
         proc.wait()
@@ -233,27 +244,32 @@ def main() -> None:
         vals = [r[key] for r in rs if r[key] is not None]
         return statistics.median(vals) if vals else None
 
-    prompt_tokens = count_tokens(PROMPT) if tokenizer else None
     print(f"model {Path(args.model).name}, threads {args.threads}, n_ctx {args.n_ctx}, n_batch {args.n_batch}, "
-          f"greedy, max_new_tokens {args.max_new}, medians of {args.repeats}"
-          + (f", single prompt {prompt_tokens} tokens" if prompt_tokens else ""))
+          f"greedy, max_new_tokens {args.max_new}, medians of {args.repeats} interleaved repeats")
     print()
-    print("| request | engine | prompt tok/s | decode tok/s | ratio vs bare | TTFT ms | tokens | RSS MB | load s |")
+    print("| case | engine | prompt tok/s | decode tok/s | vs bare | TTFT ms | tokens | RSS MB | load s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for case in cases:
-        base = median(runs[(case, "bare")], "decode_tok_s")
-        for kind in ("bare", "backend", "app"):
+    for case in dict.fromkeys(c for c, *_ in plan):
+        base = median(runs.get((case, "bare"), []) or runs[("4 in turn", "bare")], "decode_tok_s")
+        for kind in ("bare", "scheduler"):
             rs = runs.get((case, kind))
             if not rs:
                 continue
             dec = median(rs, "decode_tok_s")
-            ready = workers[kind][1] if kind in workers else {}
+            ready = workers[kind][1]
             print(f"| {case} | {kind} | {fmt(median(rs, 'prompt_tok_s'), '.0f')} | {fmt(dec, '.1f')} | "
                   f"{fmt(dec / base if dec and base else None, '.2f')} | {fmt(median(rs, 'ttft_s') * 1000, '.0f')} | "
                   f"{fmt(median(rs, 'tokens'), '.0f')} | {fmt(median(rs, 'rss_mb'), '.0f')} | "
                   f"{fmt(ready.get('load_s'), '.2f')} |")
-    if not args.app_url:
-        print("\n(app row skipped: pass --app-url URL of a running app to stream its generate endpoint)")
+    print("\n(\"4 concurrent\" is compared with bare running the four prompts in turn)")
+    if identity:
+        pairs = list(zip(identity["alone"], identity["together"]))
+        same = sum(a == b for a, b in pairs)
+        prefix = [len(os.path.commonprefix([a, b])) / max(len(a), 1) for a, b in pairs]
+        print(f"\ngreedy, {len(pairs)} prompts alone vs in groups of 4 concurrent: {same}/{len(pairs)} identical "
+              f"({100 * same / len(pairs):.0f}%); where they differ, the common start is "
+              f"{100 * statistics.median([p for (a, b), p in zip(pairs, prefix) if a != b] or [1.0]):.0f}% "
+              f"of the alone text (median)")
 
 
 if __name__ == "__main__":

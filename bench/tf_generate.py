@@ -1,12 +1,20 @@
-"""Benchmark the TensorFlow GPT-2 backend: XLA vs no XLA, batching, memory, float16.
+"""Benchmark the TensorFlow GPT-2 backend against transformers' own generate, and its slots.
 
     .venv/bin/python bench/tf_generate.py [--repeats 5] [--tokens 32] [--skip-124m] [--tier-warmup]
 
-Each configuration runs in a fresh subprocess so its RSS is its own. Baselines come from
-the same run: transformers' own ``generate`` (eager, and XLA-compiled the way MODELS.md
-measured it) on the same model, prompt and token count. The 124M model has random
-weights (real GPT-2 weights are not available offline): fine for speed and memory only.
-Prints a markdown report.
+Each configuration runs in a fresh subprocess so its RSS is its own. Measured, for tiny-gpt2
+(free tier, float16 and float32) and a randomly initialised GPT-2 124M (standard tier, float32):
+
+* single stream, greedy: ours through the ``Scheduler`` (what the app runs) and through a bare
+  ``forward`` loop, vs transformers' ``generate`` eager and XLA-compiled
+  (``tf.function(model.generate, jit_compile=True)``) on the very same Keras model, prompt and
+  token count; rounds interleave ours and XLA generate, medians are quoted;
+* N=3 concurrent requests through the Scheduler vs the same three one after another;
+* memory: RSS after load and warm-up for 1 and 8 slots, so the cost of one slot is measured, not
+  computed (the KV cache's own size is in ``info().details``); for tiny, throughput by slot count.
+
+The 124M model has random weights (real GPT-2 weights are not available offline): fine for speed
+and memory only. Prints a markdown report.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "The quick brown fox jumps over the lazy dog."
 BATCH = ["Once upon a time", "The weather today is", "In a shocking finding, scientists discovered a herd of unicorns"]
 GPT2_124M = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
+TIERS = {"free": dict(max_prompt_tokens=256, max_new_tokens=96), "standard": dict(max_prompt_tokens=512,
+                                                                                    max_new_tokens=192)}
 
 
 def median(xs: list[float]) -> float:
@@ -35,80 +45,142 @@ def median(xs: list[float]) -> float:
 
 # ---- worker: one configuration, in its own process -----------------------------------------
 
-def timed_decode(backend, prompts: list[str], params) -> tuple[list[float], float]:
-    """Seconds from the call to each yielded step, and the time until the generator was done."""
-    start = time.perf_counter()
-    marks = [time.perf_counter() - start for _ in backend.decode(prompts, params)]
-    return marks, time.perf_counter() - start
-
-
 def worker(cfg: dict) -> dict:
+    from slm_app.backends.base import Row, SamplingParams
+    from slm_app.backends.tf_gpt2 import TFGPT2Backend
     from slm_app.memory import rss_mb
-    from slm_app.backends.tf_gpt2 import TFGPT2Backend, configure_tensorflow_env
-    from slm_app.backends.base import SamplingParams
-    from slm_app.settings import TIER_PROFILES, Settings, Tier
+    from slm_app.provisioning.tiny_gpt2 import configure_tensorflow_env
+    from slm_app.scheduler import Scheduler
+    from slm_app.settings import EngineConfig
 
     tf = configure_tensorflow_env()
     out: dict = {"rss_import_mb": rss_mb()}
-    profile = TIER_PROFILES[Tier(cfg["tier"])].model_copy(update={"float16": cfg["float16"]})
-    settings = Settings(cache_dir=cfg["cache_dir"], warmup=cfg["tier_warmup"], xla=cfg["xla"])
+    config = EngineConfig(backend="tensorflow", model=cfg["model"], cache_dir=Path(cfg["cache_dir"]),
+                          n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=cfg["warmup"],
+                          **TIERS[cfg["tier"]])
     start = time.perf_counter()
-    backend = TFGPT2Backend.load(profile, settings, cfg["model"])
+    backend = TFGPT2Backend.load(config)
     out["load_s"] = time.perf_counter() - start
     out["rss_load_mb"] = rss_mb()
     info = backend.info()
-    out.update(dtype=info["dtype"], n_params=info["n_params"], xla=info["xla"], warmup_s=info["warmup_s"])
+    out.update(dtype=info.details["dtype"], n_params=info.details["n_params"], warmup_s=info.details["warmup_s"],
+               kv_mb_per_slot=info.details["kv_cache_mb_per_slot"], per_row=backend._graph.per_row_attention)
     n, repeats = cfg["tokens"], cfg["repeats"]
-    params = SamplingParams(max_new_tokens=n, temperature=0.0)
+    greedy = SamplingParams(max_new_tokens=n, temperature=0.0)
+    scheduler = Scheduler(backend)
 
-    # First call compiles the shapes this request needs (when the tier warm-up did not).
-    marks, _ = timed_decode(backend, [PROMPT], params)
-    out["first_call_s"] = marks[-1]
-    steady, e2e, ttft, tail = [], [], [], []
-    for _ in range(repeats):
-        marks, total = timed_decode(backend, [PROMPT], params)
-        assert len(marks) == n, "greedy on a random model should not stop early"
-        steady.append((marks[-1] - marks[0]) / (n - 1))
-        e2e.append(marks[-1] / n)
-        ttft.append(marks[0])
-        tail.append(total - marks[-1])  # garbage collection after the last token (aggressive_gc tiers)
-    out.update(ms_token=1e3 * median(steady), ms_token_best=1e3 * min(steady), ms_token_e2e=1e3 * median(e2e),
-               ttft_ms=1e3 * median(ttft), after_last_ms=1e3 * median(tail))
+    def through_scheduler(prompt: str) -> tuple[float, float]:
+        """(ms/token from first to last token, ms/token from submit to last) for one request."""
+        t0 = time.perf_counter()
+        marks = []
+        for snap in scheduler.submit(backend.tokenize(prompt), greedy).updates(timeout=600):
+            marks.append((time.perf_counter(), snap.completion_tokens))
+        tokens = marks[-1][1]
+        first = next(t for t, k in marks if k >= 1)
+        assert tokens == n, f"greedy stopped after {tokens} tokens"
+        return 1e3 * (marks[-1][0] - first) / (n - 1), 1e3 * (marks[-1][0] - t0) / n
 
-    if cfg["batch"]:
-        timed_decode(backend, BATCH, params)  # compile the batch bucket
-        batch_s, seq_s = [], []
-        for _ in range(repeats):
-            batch_s.append(timed_decode(backend, BATCH, params)[0][-1])
-            seq_s.append(sum(timed_decode(backend, [p], params)[0][-1] for p in BATCH))
-        out.update(batch3_tok_s=3 * n / median(batch_s), seq3_tok_s=3 * n / median(seq_s))
-    out["rss_end_mb"] = rss_mb()
+    def forward_loop(prompt: str) -> float:
+        """ms/token of a bare forward loop (prefill + n-1 decode steps), no scheduler."""
+        ids = backend.tokenize(prompt)
+        t0 = time.perf_counter()
+        logits = backend.forward([Row(0, tuple(ids), 0)])
+        pos = len(ids)
+        for _ in range(n - 1):
+            logits = backend.forward([Row(0, (logits.argmax(0),), pos)])
+            pos += 1
+        logits.argmax(0)
+        elapsed = time.perf_counter() - t0
+        backend.release(0)
+        return 1e3 * elapsed / n
 
-    # Baselines: transformers' own generate on the very same Keras model.
-    model, tokenizer = backend._model, backend._tokenizer
-    ids = tf.constant([tokenizer.encode(PROMPT)], tf.int32)
-    kwargs = dict(attention_mask=tf.ones_like(ids), max_new_tokens=n, do_sample=False,
-                  pad_token_id=tokenizer.eos_token_id)
-    if cfg["hf_eager"]:
-        runs = []
-        for _ in range(cfg["hf_repeats"]):
-            t = time.perf_counter()
-            model.generate(ids, **kwargs)
-            runs.append((time.perf_counter() - t) / n)
-        out["hf_eager_ms_token"] = 1e3 * median(runs)
+    def concurrent(prompts: list[str]) -> float:
+        t0 = time.perf_counter()
+        handles = [scheduler.submit(backend.tokenize(p), greedy) for p in prompts]
+        tokens = sum(h.result(timeout=600).completion_tokens for h in handles)
+        return tokens / (time.perf_counter() - t0)
+
+    def sequential(prompts: list[str]) -> float:
+        t0 = time.perf_counter()
+        tokens = sum(scheduler.submit(backend.tokenize(p), greedy).result(timeout=600).completion_tokens
+                     for p in prompts)
+        return tokens / (time.perf_counter() - t0)
+
+    # First calls compile what the tier warm-up did not (when it was skipped).
+    start = time.perf_counter()
+    through_scheduler(PROMPT)
+    forward_loop(PROMPT)
+    if cfg["concurrency"]:
+        concurrent(BATCH)
+    out["first_calls_s"] = time.perf_counter() - start
+
+    model = backend._model
+    ids = tf.constant([backend.tokenize(PROMPT)], tf.int32)
+    kwargs = dict(attention_mask=tf.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=50256)
+    xla_generate = None
     if cfg["hf_xla"]:
         xla_generate = tf.function(model.generate, jit_compile=True)
         t = time.perf_counter()
         xla_generate(ids, **kwargs)
         out["hf_xla_compile_s"] = time.perf_counter() - t
-        runs = []
-        for _ in range(repeats):
+
+    sched, sched_e2e, fwd, hf_xla, conc, seq = [], [], [], [], [], []
+    for _ in range(repeats):  # interleaved, so a noisy neighbour slows every contender alike
+        a, b = through_scheduler(PROMPT)
+        sched.append(a)
+        sched_e2e.append(b)
+        fwd.append(forward_loop(PROMPT))
+        if xla_generate is not None:
             t = time.perf_counter()
             xla_generate(ids, **kwargs)
-            runs.append((time.perf_counter() - t) / n)
-        out["hf_xla_ms_token"] = 1e3 * median(runs)
+            hf_xla.append(1e3 * (time.perf_counter() - t) / n)
+        if cfg["concurrency"]:
+            conc.append(concurrent(BATCH))
+            seq.append(sequential(BATCH))
+    out.update(ms_token=median(sched), ms_token_e2e=median(sched_e2e), ms_token_forward=median(fwd))
+    if hf_xla:
+        out["hf_xla_ms_token"] = median(hf_xla)
+    if conc:
+        out.update(concurrent_tok_s=median(conc), sequential_tok_s=median(seq),
+                   concurrency_ratio=median([c / s for c, s in zip(conc, seq)]))
+    if cfg["hf_eager"]:
+        runs = []
+        for _ in range(cfg["hf_repeats"]):
+            t = time.perf_counter()
+            model.generate(ids, **kwargs)
+            runs.append(1e3 * (time.perf_counter() - t) / n)
+        out["hf_eager_ms_token"] = median(runs)
+    out["rss_end_mb"] = rss_mb()
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    backend.close()
+    scheduler.close()
+    return out
+
+
+def memory_worker(cfg: dict) -> dict:
+    """RSS of a loaded, warmed-up backend with ``n_slots`` slots after every slot decoded at once,
+    and the aggregate throughput of ``n_slots`` concurrent requests."""
+    from slm_app.backends.base import SamplingParams
+    from slm_app.backends.tf_gpt2 import TFGPT2Backend
+    from slm_app.memory import rss_mb
+    from slm_app.scheduler import Scheduler
+    from slm_app.settings import EngineConfig
+
+    config = EngineConfig(backend="tensorflow", model=cfg["model"], cache_dir=Path(cfg["cache_dir"]),
+                          n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=True,
+                          **TIERS[cfg["tier"]])
+    backend = TFGPT2Backend.load(config)
+    scheduler = Scheduler(backend)
+    params = SamplingParams(max_new_tokens=cfg["tokens"], temperature=0.0)
+    prompts = [BATCH[i % len(BATCH)] for i in range(cfg["n_slots"])]
+    rates = []
+    for _ in range(cfg["repeats"]):
+        t0 = time.perf_counter()
+        handles = [scheduler.submit(backend.tokenize(p), params) for p in prompts]
+        tokens = sum(h.result(timeout=600).completion_tokens for h in handles)
+        rates.append(tokens / (time.perf_counter() - t0))
+    out = {"rss_mb": rss_mb(), "tok_s": median(rates), "warmup_s": backend.info().details["warmup_s"],
+           "kv_mb_per_slot": backend.info().details["kv_cache_mb_per_slot"]}
+    scheduler.close()
     return out
 
 
@@ -126,12 +198,13 @@ def run_worker(cfg: dict) -> dict:
     return {**cfg, **result}
 
 
-def build_124m(cache_dir: str) -> str:
-    code = ("import sys; from pathlib import Path; from slm_app.backends.tf_gpt2 import build_random_gpt2; "
-            f"print(build_random_gpt2(Path(sys.argv[1]), seed=0, **{GPT2_124M!r}))")
-    target = Path(cache_dir) / "bench-gpt2-124m-random"
+def build_model(cache_dir: str, name: str, seed: int, config: dict) -> str:
+    code = ("import sys, json; from pathlib import Path; from slm_app.provisioning.tiny_gpt2 import build_random_gpt2; "
+            "print(build_random_gpt2(Path(sys.argv[1]), seed=int(sys.argv[2]), **json.loads(sys.argv[3])))")
+    target = Path(cache_dir) / name
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-c", code, str(target)], env=env, check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", code, str(target), str(seed), json.dumps(config)], env=env, check=True,
+                   capture_output=True, cwd=ROOT)
     return str(target)
 
 
@@ -139,96 +212,112 @@ def fmt(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{x:,.{digits}f}"
 
 
-def report(rows: list[dict], args: argparse.Namespace, elapsed: float, loads: list[float]) -> str:
-    lines = [f"Prompt {len(PROMPT)} chars, {args.tokens} new tokens, greedy; medians of {args.repeats} repeats "
-             f"(HF eager generate: {args.hf_repeats}). Each configuration in a fresh process. "
-             f"Bench wall time {elapsed / 60:.1f} min on {os.cpu_count()} cores; 1-minute load average "
-             f"{' → '.join(f'{x:.1f}' for x in loads)} (start → end of each configuration). Speed-ups are "
-             f"the baseline's ms/token over ours including prefill (HF generate includes it too); >1× is faster.",
-             ""]
-    lines += ["### Latency per token", "",
-              "| tier / model | dtype | decode loop | ms/token steady (best) | ms/token incl. prefill | TTFT ms | "
-              "first call s (compile) | speed-up vs HF eager | speed-up vs HF XLA |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for model in dict.fromkeys(r["model_label"] for r in rows):
-        group = [r for r in rows if r["model_label"] == model]
-        eager = next((r["hf_eager_ms_token"] for r in group if "hf_eager_ms_token" in r), None)
-        hf_xla = next((r for r in group if "hf_xla_ms_token" in r), None)
-        for r in group:
-            loop = "XLA" if r["xla"] else "TF graph, no XLA"
-            lines.append(f"| {model} | {r['dtype']} | ours, {loop} | "
-                         f"{fmt(r['ms_token'], 2)} ({fmt(r['ms_token_best'], 2)}) | "
-                         f"{fmt(r['ms_token_e2e'], 2)} | {fmt(r['ttft_ms'])} | {fmt(r['first_call_s'])} | "
-                         f"{fmt(eager / r['ms_token_e2e'] if eager else None)}× | "
-                         f"{fmt(hf_xla['hf_xla_ms_token'] / r['ms_token_e2e'] if hf_xla else None, 2)}× |")
-        if eager:
-            lines.append(f"| {model} | {group[0]['dtype']} | HF `generate`, eager (baseline) | – | {fmt(eager, 2)} | "
-                         f"– | – | 1.0× | |")
-        if hf_xla:
-            lines.append(f"| {model} | {hf_xla['dtype']} | HF `generate`, `tf.function(jit_compile=True)` | – | "
-                         f"{fmt(hf_xla['hf_xla_ms_token'], 2)} | – | {fmt(hf_xla['hf_xla_compile_s'])} | "
-                         f"{fmt(eager / hf_xla['hf_xla_ms_token'] if eager else None)}× | 1.0× |")
-    lines += ["", "### Batch of 3 prompts (one padded batch) vs the same 3 one after another", "",
-              "| tier / model | dtype | decode loop | batch of 3 tok/s | 3 sequential tok/s | speed-up |",
-              "|---|---|---|---:|---:|---:|"]
-    for r in (r for r in rows if r["batch"]):
-        lines.append(f"| {r['model_label']} | {r['dtype']} | {'XLA' if r['xla'] else 'no XLA'} | "
-                     f"{fmt(r['batch3_tok_s'])} | {fmt(r['seq3_tok_s'])} | "
-                     f"{fmt(r['batch3_tok_s'] / r['seq3_tok_s'], 2)}× |")
-    lines += ["", "### Memory (RSS, MB)", "",
-              "| tier / model | dtype | decode loop | after `import tensorflow` | after load | after the runs | peak | "
-              "load s | tier warm-up s |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+def report(rows: list[dict], mem: list[dict], args: argparse.Namespace, elapsed: float, loads: list[float]) -> str:
+    lines = [f"Prompt {len(PROMPT)} chars, {args.tokens} new tokens, greedy; medians of {args.repeats} interleaved "
+             f"rounds (HF eager generate: {args.hf_repeats}). Each configuration in a fresh process. Bench wall time "
+             f"{elapsed / 60:.1f} min on {os.cpu_count()} cores; 1-minute load average "
+             f"{' → '.join(f'{x:.1f}' for x in loads)}. Ratios are HF's ms/token over ours "
+             f"(>1: ours is faster); HF generate's time includes its prefill, so ours is compared with "
+             f"submit-to-last-token.", ""]
+    lines += ["### Single stream, ms/token", "",
+              "| model | dtype | ours: Scheduler, decode | ours: Scheduler, incl. prefill | ours: bare forward loop | "
+              "HF generate XLA | HF generate eager | HF XLA / ours | HF eager / ours |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['model_label']} | {r['dtype']} | {'XLA' if r['xla'] else 'no XLA'} | "
-                     f"{fmt(r['rss_import_mb'], 0)} | {fmt(r['rss_load_mb'], 0)} | {fmt(r['rss_end_mb'], 0)} | "
-                     f"{fmt(r['peak_rss_mb'], 0)} | {fmt(r['load_s'])} | "
-                     f"{fmt(r['warmup_s']) if r['tier_warmup'] else 'not run'} |")
-    after_gc = [r for r in rows if r["after_last_ms"] > 5]
-    if after_gc:
-        lines += ["", "Aggressive GC (free tier): the decode generator's final `gc.collect()` takes "
-                  + ", ".join(f"{fmt(r['after_last_ms'], 0)} ms ({r['model_label']}, "
-                              f"{'XLA' if r['xla'] else 'no XLA'})" for r in after_gc)
-                  + " after the last token of each request."]
+        xla, eager = r.get("hf_xla_ms_token"), r.get("hf_eager_ms_token")
+        lines.append(f"| {r['model_label']} | {r['dtype']} | {fmt(r['ms_token'], 2)} | {fmt(r['ms_token_e2e'], 2)} | "
+                     f"{fmt(r['ms_token_forward'], 2)} | {fmt(xla, 2)} | {fmt(eager, 2)} | "
+                     f"{fmt(xla / r['ms_token_e2e'] if xla else None, 2)}× | "
+                     f"{fmt(eager / r['ms_token_e2e'] if eager else None, 1)}× |")
+    lines += ["", "### 3 concurrent requests through the Scheduler vs the same 3 one after another", "",
+              "| model | dtype | slots | concurrent tok/s | sequential tok/s | ratio (median of paired rounds) |",
+              "|---|---|---:|---:|---:|---:|"]
+    for r in (r for r in rows if r["concurrency"]):
+        lines.append(f"| {r['model_label']} | {r['dtype']} | {r['n_slots']} | {fmt(r['concurrent_tok_s'])} | "
+                     f"{fmt(r['sequential_tok_s'])} | {fmt(r['concurrency_ratio'], 2)}× |")
+    lines += ["", "### Load, compile, memory (RSS MB)", "",
+              "| model | dtype | slots | after `import tensorflow` | after load | end | peak | load s | warm-up s | "
+              "first calls s | HF XLA compile s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model_label']} | {r['dtype']} | {r['n_slots']} | {fmt(r['rss_import_mb'], 0)} | "
+                     f"{fmt(r['rss_load_mb'], 0)} | {fmt(r['rss_end_mb'], 0)} | {fmt(r['peak_rss_mb'], 0)} | "
+                     f"{fmt(r['load_s'])} | {fmt(r['warmup_s']) if r['warmup'] else 'lazy'} | "
+                     f"{fmt(r['first_calls_s'])} | {fmt(r.get('hf_xla_compile_s'))} |")
+    if mem:
+        lines += ["", "### Slots: memory and throughput (warmed up; every slot decoding at once)", "",
+                  "| model | dtype | slots | RSS MB | MB per extra slot (vs 1 slot) | KV cache MB per slot | "
+                  "aggregate tok/s | warm-up s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in mem:
+            base = next(m for m in mem if m["model_label"] == r["model_label"] and m["dtype_label"] == r["dtype_label"]
+                        and m["n_slots"] == 1)
+            per = (r["rss_mb"] - base["rss_mb"]) / (r["n_slots"] - 1) if r["n_slots"] > 1 else None
+            lines.append(f"| {r['model_label']} | {r['dtype_label']} | {r['n_slots']} | {fmt(r['rss_mb'], 0)} | "
+                         f"{fmt(per)} | {fmt(r['kv_mb_per_slot'], 2)} | {fmt(r['tok_s'])} | {fmt(r['warmup_s'])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
-    parser.add_argument("--hf-repeats", type=int, default=3, help="repeats of the slow HF eager baseline")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (median)")
+    parser.add_argument("--hf-repeats", type=int, default=2, help="repeats of the slow HF eager baseline")
     parser.add_argument("--tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--skip-124m", action="store_true", help="only the tiny model (fast)")
+    parser.add_argument("--skip-memory", action="store_true", help="no slot sweep")
     parser.add_argument("--tier-warmup", action="store_true",
-                        help="compile every bucket of the tier at load, as the app does (124M: minutes)")
+                        help="compile every shape of the tier at load, as the app does (124M: minutes)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "slm_app"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.memory_worker:
+        print(json.dumps(memory_worker(json.loads(args.memory_worker))))
+        return
 
     start = time.perf_counter()
+    from slm_app.provisioning.tiny_gpt2 import TINY_GPT2_CONFIG
+
+    tiny_path = build_model(args.cache_dir, "tiny-gpt2-offline", 0, TINY_GPT2_CONFIG)
     common = dict(cache_dir=args.cache_dir, tokens=args.tokens, repeats=args.repeats, hf_repeats=args.hf_repeats,
-                  tier_warmup=args.tier_warmup)
-    tiny = dict(common, tier="free", model="sshleifer/tiny-gpt2", model_label="free: tiny-gpt2 (random)")
-    configs = [dict(tiny, label="tiny fp16 XLA", float16=True, xla=True, batch=True, hf_eager=False, hf_xla=True),
-               dict(tiny, label="tiny fp16 no-XLA", float16=True, xla=False, batch=True, hf_eager=True, hf_xla=False)]
+                  warmup=args.tier_warmup, concurrency=True, hf_xla=True)
+    tiny = dict(common, tier="free", model=tiny_path, model_label="tiny-gpt2 (random)", n_slots=4)
+    configs = [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
+               dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
+    big_path = None
     if not args.skip_124m:
         print("building the random 124M GPT-2 (once)...", file=sys.stderr, flush=True)
-        big = dict(common, tier="standard", model=build_124m(args.cache_dir),
-                   model_label="standard: GPT-2 124M (random weights)")
-        # float16 is here for memory; this CPU has no fp16 arithmetic, so its batch runs would only cost minutes.
-        configs += [dict(big, label="124M fp32 XLA", float16=False, xla=True, batch=True, hf_eager=False, hf_xla=True),
-                    dict(big, label="124M fp32 no-XLA", float16=False, xla=False, batch=True, hf_eager=True,
-                         hf_xla=False),
-                    dict(big, label="124M fp16 XLA", float16=True, xla=True, batch=False, hf_eager=False, hf_xla=False)]
+        big_path = build_model(args.cache_dir, "bench-gpt2-124m-random", 0, GPT2_124M)
+        big = dict(common, tier="standard", model=big_path, model_label="GPT-2 124M (random)", n_slots=3)
+        configs += [dict(big, label="124M fp32", float16=False, hf_eager=True)]
     loads = [os.getloadavg()[0]]
     rows = []
     for cfg in configs:
         rows.append(run_worker(cfg))
         loads.append(os.getloadavg()[0])
-    print(report(rows, args, time.perf_counter() - start, loads))
+    mem = []
+    if not args.skip_memory:
+        sweeps = [(tiny_path, "tiny-gpt2 (random)", "free", True, "float16", (1, 2, 4, 8))]
+        if big_path:
+            sweeps += [(big_path, "GPT-2 124M (random)", "standard", False, "float32", (1, 3, 8)),
+                       (big_path, "GPT-2 124M (random)", "standard", True, "float16", (1, 3))]
+        for path, label, tier, f16, dtype, slot_counts in sweeps:
+            for n_slots in slot_counts:
+                cfg = dict(cache_dir=args.cache_dir, model=path, model_label=label, tier=tier, float16=f16,
+                           dtype_label=dtype, n_slots=n_slots, tokens=args.tokens, repeats=3,
+                           label=f"memory {label} {dtype} {n_slots} slots")
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, __file__, "--memory-worker", json.dumps(cfg)], env=env,
+                                      capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    sys.exit(f"{cfg['label']} failed:\n{proc.stderr[-3000:]}")
+                mem.append({**cfg, **json.loads(proc.stdout.strip().splitlines()[-1])})
+                print(f"  {cfg['label']}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        loads.append(os.getloadavg()[0])
+    print(report(rows, mem, args, time.perf_counter() - start, loads))
 
 
 if __name__ == "__main__":

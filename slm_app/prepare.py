@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cache = Path(load_settings().cache_dir)
 
-    from slm_app.backends.tf_gpt2 import offline_tiny_gpt2_dir, build_offline_tiny_gpt2
+    from slm_app.provisioning.tiny_gpt2 import build_offline_tiny_gpt2, offline_tiny_gpt2_dir
 
     start = time.perf_counter()
     path = build_offline_tiny_gpt2(offline_tiny_gpt2_dir(cache))

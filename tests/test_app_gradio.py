@@ -1,4 +1,8 @@
-"""The app as a user's gradio_client sees it: launched on a free port, every endpoint called by name."""
+"""The app as a user's gradio_client sees it: launched on a free port, every endpoint called by name.
+
+Where the model does not matter (limits, errors, shapes, streaming) the free tier runs on the fake
+backend; what the model decides (structured presets closing) runs on the real TensorFlow tiny-gpt2.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,14 @@ from slm_app.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def client(free_app) -> Client:
+def client(tmp_path_factory) -> Client:
+    settings = Settings(tier="free", backend="fake", cache_dir=str(tmp_path_factory.mktemp("cache")))
+    with launch_app(settings) as server:
+        yield Client(server.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def tf_client(free_app) -> Client:
     return Client(free_app.url, verbose=False)
 
 
@@ -45,13 +56,19 @@ def test_batch_returns_one_result_per_prompt(client: Client) -> None:
     assert isinstance(out, dict) and len(out["results"]) == 1 and isinstance(out["results"][0], str)
 
 
+def test_health_on_tensorflow_says_the_weights_are_random(tf_client: Client) -> None:
+    h = tf_client.predict(api_name="/health")
+    assert h["backend"] == "tensorflow" and h["model_info"]["random_weights"] is True
+    assert h["model_info"]["backend"] == "tensorflow" and h["slots"]["slots"] >= 1
+
+
 def test_health_reports_tier_and_model(client: Client) -> None:
     h = client.predict(api_name="/health")
     for key in ("status", "model_loaded", "memory_usage", "tier", "tier_reason", "backend", "model", "rss_mb",
                 "system_memory_mb", "requests", "latency_ms", "tokens_per_second", "uptime_s"):
         assert key in h, key
     assert h["status"] == "ok" and h["model_loaded"] is True
-    assert h["tier"] == "free" and h["tier_reason"] == "SLM_TIER=free" and h["backend"] == "tensorflow"
+    assert h["tier"] == "free" and h["tier_reason"] == "SLM_TIER=free" and h["backend"] == "fake"
     assert h["requests"] >= 1 and h["latency_ms"]["p50"] > 0 and h["tokens_per_second"] > 0
     assert h["model_info"]["random_weights"] is True
     assert set(h["system_memory_mb"]) == {"total", "available"}
@@ -114,9 +131,9 @@ def test_structured_endpoint_returns_validated_json(client: Client) -> None:
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
-def test_structured_presets_validate_on_tensorflow(client: Client, preset: str) -> None:
+def test_structured_presets_validate_on_tensorflow(tf_client: Client, preset: str) -> None:
     schema = PRESETS[preset]
-    out = client.predict("Describe a small language model.", json.dumps(schema), 96, 0.7, 0, api_name="/structured")
+    out = tf_client.predict("Describe a small language model.", json.dumps(schema), 96, 0.7, 0, api_name="/structured")
     assert out["success"] is True, out["error"]
     jsonschema.validate(out["data"], schema)
     assert json.loads(out["raw_text"]) == out["data"]

@@ -18,7 +18,7 @@ from fake_hub import FakeHub
 RESOLVE = """
 import json, sys
 from pathlib import Path
-from slm_app.model_resolution import resolve_gguf, resolve_hf_model
+from slm_app.provisioning.hub import resolve_gguf, resolve_hf_model
 kind, spec, fallback = sys.argv[1:4]
 fb = (lambda: Path(fallback)) if fallback != "-" else None
 r = (resolve_hf_model if kind == "hf" else resolve_gguf)(spec, fallback=fb, fallback_label="fallback")
@@ -95,7 +95,7 @@ def test_local_paths(tmp_path: Path) -> None:
 
 
 def test_repo_file_spec_parsing() -> None:
-    from slm_app.model_resolution import parse_gguf_spec
+    from slm_app.provisioning.hub import parse_gguf_spec
 
     assert parse_gguf_spec("Qwen/Qwen2.5-3B-Instruct-GGUF:qwen2.5-3b-instruct-q4_k_m.gguf") == (
         "Qwen/Qwen2.5-3B-Instruct-GGUF", "qwen2.5-3b-instruct-q4_k_m.gguf")

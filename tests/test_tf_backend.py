@@ -2,14 +2,14 @@
 
 tiny-gpt2 is the free tier's model, but its 2-wide hidden state goes through a LayerNorm that
 leaves only two possible outputs, so greedy decoding repeats one token whatever the prompt.
-Comparisons that must tell prompts apart (batch vs alone, XLA vs no XLA) therefore use a
-slightly wider random GPT-2 ("small", n_embd=16), built by the same code with a large
-initialisation range (0.5 instead of GPT-2's 0.02, at which a random model ignores its input).
+Tests that must tell prompts apart (numerics, slots) therefore use a slightly wider random GPT-2
+("small", n_embd=16), built by the same code with a large initialisation range (0.5 instead of
+GPT-2's 0.02, at which a random model ignores its input). Requests go through the real
+``Scheduler``, as the service sends them.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -17,18 +17,24 @@ import h5py
 import numpy as np
 import pytest
 
-from slm_app.backends.base import BackendUnavailable, SamplingParams
-from slm_app.backends.tf_gpt2 import (TINY_GPT2_ID, TFGPT2Backend, _stable_text, build_offline_tiny_gpt2,
-                                      build_random_gpt2, offline_tiny_gpt2_dir)
-from slm_app.settings import TIER_PROFILES, Settings, Tier
+from slm_app.backends.base import BackendUnavailable, Row, SamplingParams
+from slm_app.backends.tf_gpt2 import PREFILL_BLOCK, TFGPT2Backend
+from slm_app.provisioning.tiny_gpt2 import (TINY_GPT2_ID, build_offline_tiny_gpt2, build_random_gpt2,
+                                            configure_tensorflow_env, offline_tiny_gpt2_dir)
+from slm_app.scheduler import Scheduler
+from slm_app.settings import TIER_PROFILES, EngineConfig, Settings, Tier
 
-FREE = TIER_PROFILES[Tier.free]  # float16, aggressive GC
-# The shared tiny backend skips the free tier's gc.collect() after every decode (~0.3 s each with
-# TensorFlow loaded); the warm-up and fallback tests load the real free profile.
-FREE_NO_GC = FREE.model_copy(update={"aggressive_gc": False})
-STANDARD_FP32 = TIER_PROFILES[Tier.standard]  # float16=False, batch buckets 1 and 3
-PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there"]
-GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
+PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived " * 3]
+SMALL = dict(n_embd=16, n_layer=2, n_head=2, vocab_size=50257, n_positions=1024, initializer_range=0.5)
+
+
+def engine_config(model: str | Path, cache_dir: Path, **overrides) -> EngineConfig:
+    """The free tier's engine config (what the app hands the backend), with overrides."""
+    tier = Settings(tier="free", cache_dir=str(cache_dir))
+    from slm_app.settings import resolve_tier
+
+    config = resolve_tier(tier).engine_config(tier)
+    return config.model_copy(update={"model": str(model), "warmup": False, **overrides})
 
 
 @pytest.fixture(scope="session")
@@ -42,33 +48,13 @@ def tiny_dir(cache_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
-    backend = TFGPT2Backend.load(FREE_NO_GC, Settings(cache_dir=str(cache_dir), warmup=False), str(tiny_dir))
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="session")
 def small_dir(tmp_path_factory) -> Path:
-    return build_random_gpt2(tmp_path_factory.mktemp("small") / "gpt2-small-random", seed=1,
-                             n_embd=16, n_layer=2, n_head=2, vocab_size=50257, n_positions=1024,
-                             initializer_range=0.5)
-
-
-def _load_small(small_dir: Path, cache_dir: Path, xla: bool) -> TFGPT2Backend:
-    return TFGPT2Backend.load(STANDARD_FP32, Settings(cache_dir=str(cache_dir), warmup=False, xla=xla), str(small_dir))
+    return build_random_gpt2(tmp_path_factory.mktemp("small") / "gpt2-small-random", seed=1, **SMALL)
 
 
 @pytest.fixture(scope="session")
-def small_xla(small_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
-    backend = _load_small(small_dir, cache_dir, xla=True)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="session")
-def small_graph(small_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
-    backend = _load_small(small_dir, cache_dir, xla=False)
+def small(small_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
+    backend = TFGPT2Backend.load(engine_config(small_dir, cache_dir, float16=False, n_slots=3))
     yield backend
     backend.close()
 
@@ -80,6 +66,12 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _hf_logits(backend: TFGPT2Backend, ids: list[int]) -> np.ndarray:
+    """transformers' own TFGPT2LMHeadModel on the same weights: logits at every position."""
+    tf = configure_tensorflow_env()
+    return backend._model(tf.constant([ids]), training=False).logits.numpy()[0].astype(np.float32)
+
+
 def test_offline_tiny_build_is_deterministic_and_complete(tiny_dir: Path, tmp_path: Path) -> None:
     again = build_offline_tiny_gpt2(tmp_path / "again")
     a, b = _weights(tiny_dir), _weights(again)
@@ -89,16 +81,30 @@ def test_offline_tiny_build_is_deterministic_and_complete(tiny_dir: Path, tmp_pa
     assert build_offline_tiny_gpt2(again) == again  # already complete: not rebuilt
 
 
-def test_tiny_info_says_random_weights(tiny: TFGPT2Backend) -> None:
+def test_free_tier_tiny_runs_float16_and_says_its_weights_are_random(tiny_dir: Path, cache_dir: Path) -> None:
     import tf_keras
 
-    assert tf_keras.mixed_precision.global_policy().name == "float32", "float16 policy leaked out of load()"
-    info = tiny.info()
-    assert info["random_weights"] is True and info["source"] == "local"
-    assert info["dtype"] == "float16" and info["n_params"] == 102_714
-    assert info["xla"] is True and info["xla_note"] is None
-    assert tiny.vocab_width == 50257 and tiny.eos_token_id == 50256
-    assert tiny.count_tokens("Hello world") == 2
+    config = engine_config(tiny_dir, cache_dir)
+    assert config.float16 and config.n_slots == TIER_PROFILES[Tier.free].parallel
+    backend = TFGPT2Backend.load(config)
+    try:
+        assert tf_keras.mixed_precision.global_policy().name == "float32", "float16 policy leaked out of load()"
+        info = backend.info()
+        assert info.backend == "tensorflow" and info.random_weights is True and info.source == "local"
+        assert info.details["dtype"] == "float16" and info.details["n_params"] == 102_714
+        assert info.details["xla"] is True and info.details["xla_note"] is None
+        assert info.n_ctx == 256 + 96 and info.n_slots == config.n_slots and info.vocab_size == 50257
+        assert backend.tokenize("Hello world") == [15496, 995] and backend.tokenize("") == [50256]
+        assert backend.token_bytes(15496) == b"Hello" and backend.is_end(50256) and not backend.is_end(995)
+        scheduler = Scheduler(backend)
+        try:
+            done = scheduler.submit(backend.tokenize("Hi"), SamplingParams(max_new_tokens=12, temperature=1.0,
+                                                                           seed=3)).result(timeout=120)
+            assert done.completion_tokens == 12 and done.finish_reason == "length" and done.text
+        finally:
+            scheduler.close()
+    finally:
+        backend.close()
 
 
 def test_tiny_id_falls_back_to_offline_build(tiny_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -106,11 +112,11 @@ def test_tiny_id_falls_back_to_offline_build(tiny_dir: Path, cache_dir: Path, tm
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
-    backend = TFGPT2Backend.load(FREE, Settings(cache_dir=str(cache_dir), warmup=False), TINY_GPT2_ID)
+    backend = TFGPT2Backend.load(engine_config(TINY_GPT2_ID, cache_dir))
     try:
         info = backend.info()
-        assert info["source"] == "offline-fallback" and info["model_path"] == str(tiny_dir)
-        assert "HF_HUB_OFFLINE" in info["reason"] and info["random_weights"] is True
+        assert info.source == "offline-fallback" and info.details["model_path"] == str(tiny_dir)
+        assert "HF_HUB_OFFLINE" in info.reason and info.random_weights is True and info.model_id == TINY_GPT2_ID
     finally:
         backend.close()
 
@@ -121,145 +127,130 @@ def test_unknown_model_is_unavailable_with_reason(tmp_path: Path, monkeypatch) -
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     with pytest.raises(BackendUnavailable, match="HF_HUB_OFFLINE is set"):
-        TFGPT2Backend.load(TIER_PROFILES[Tier.standard], Settings(cache_dir=str(tmp_path), warmup=False),
-                           "acme/no-such-gpt2")
+        TFGPT2Backend.load(engine_config("acme/no-such-gpt2", tmp_path))
     assert not offline_tiny_gpt2_dir(tmp_path).exists(), "only tiny-gpt2 may fall back to the local build"
 
 
-def test_greedy_is_deterministic_and_xla_matches_graph(small_xla: TFGPT2Backend, small_graph: TFGPT2Backend) -> None:
-    assert small_xla.info()["xla"] is True and small_graph.info()["xla"] is False
-    runs = [b.generate([PROMPTS[1]], GREEDY)[0].token_ids for b in (small_xla, small_xla, small_graph)]
-    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == GREEDY.max_new_tokens
-    assert len(set(runs[0])) > 1, "the small model should not just repeat one token"
+def test_logits_match_transformers_through_chunked_prefill_and_decode(small: TFGPT2Backend) -> None:
+    ids = small.tokenize(PROMPTS[2])
+    assert len(ids) > PREFILL_BLOCK + 1  # more than one prefill block
+    split = 21  # two chunks, the second one starting inside a block
+    first = small.forward([Row(1, tuple(ids[:split]), 0, logits=False)])
+    assert len(first) == 0
+    out = small.forward([Row(1, tuple(ids[split:]), split)])
+    seq = list(ids)
+    for _ in range(6):
+        reference = _hf_logits(small, seq)[-1]
+        np.testing.assert_allclose(out.row(0), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+        assert out.argmax(0) == int(np.argmax(reference)) == int(np.argmax(out.row(0)))
+        seq.append(out.argmax(0))
+        out = small.forward([Row(1, (seq[-1],), len(seq) - 1)])
+    small.release(1)
 
 
-def test_batch_matches_each_prompt_alone(small_xla: TFGPT2Backend) -> None:
-    batch = small_xla.generate(PROMPTS, GREEDY)
-    alone = [small_xla.generate([p], GREEDY)[0] for p in PROMPTS]
-    assert [s.prompt for s in batch] == PROMPTS
-    assert [s.token_ids for s in batch] == [s.token_ids for s in alone]
-    assert len({tuple(s.token_ids) for s in batch}) > 1, "prompts should lead to different continuations"
-    # Sampling too: row i of a seeded batch uses seed + i.
-    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, seed=7)
-    rows = small_xla.generate(PROMPTS, sampled)
-    third = small_xla.generate([PROMPTS[2]], SamplingParams(max_new_tokens=8, temperature=1.0, seed=9))[0]
-    assert rows[2].token_ids == third.token_ids
+def test_score_matches_transformers(small: TFGPT2Backend) -> None:
+    ids = small.tokenize(PROMPTS[2] + PROMPTS[1])
+    logits = _hf_logits(small, ids).astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    reference = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    expected = reference[np.arange(len(ids) - 1), ids[1:]]
+    np.testing.assert_allclose(small.score(ids), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_seed_reproducibility(tiny: TFGPT2Backend) -> None:
-    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=1234)
-    a, b = (tiny.generate(["Seeded"], params)[0] for _ in range(2))
-    c = tiny.generate(["Seeded"], SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.95, seed=4321))[0]
-    assert a.token_ids == b.token_ids and a.text == b.text
-    assert a.token_ids != c.token_ids
-
-
-def test_streaming_yields_one_update_per_token(tiny: TFGPT2Backend) -> None:
-    params = SamplingParams(max_new_tokens=9, temperature=1.0, seed=3)
-    updates = [(len(seqs[0].token_ids), seqs[0].text, seqs[0].finish_reason)
-               for seqs in tiny.decode(["Stream me"], params)]
-    assert [n for n, _, _ in updates] == list(range(1, 10))
-    assert all(b.startswith(a) for (_, a, _), (_, b, _) in zip(updates, updates[1:])), "text must only grow"
-    assert [r for _, _, r in updates] == [None] * 8 + ["length"]
-
-
-def test_max_new_tokens_is_respected(tiny: TFGPT2Backend) -> None:
-    for n in (1, 5):
-        seq = tiny.generate(["Count"], SamplingParams(max_new_tokens=n, temperature=1.0, seed=0))[0]
-        assert seq.completion_tokens == n and seq.finish_reason == "length"
-
-
-def test_stop_strings_cut_the_text(tiny: TFGPT2Backend) -> None:
-    free = tiny.generate(["Stop"], SamplingParams(max_new_tokens=16, temperature=1.0, seed=11))[0]
-    stop = free.text[len(free.text) // 2:][:3]
-    stopped = tiny.generate(["Stop"], SamplingParams(max_new_tokens=16, temperature=1.0, seed=11, stop=(stop,)))[0]
-    assert stopped.finish_reason == "stop"
-    assert stopped.text == free.text[: free.text.find(stop)]
-    assert stopped.completion_tokens < free.completion_tokens
-
-
-def test_stable_text_holds_back_partial_characters_and_stop_prefixes() -> None:
-    assert _stable_text("caf\ufffd", ()) == "caf"
-    assert _stable_text("one\n", ("\n\n",)) == "one"
-    assert _stable_text("one\nx", ("\n\n",)) == "one\nx"
-
-
-class DigitsOrEnd:
-    """A real TokenConstraint: only tokens made of ASCII digits, then end-of-text after 4 tokens."""
+class _Borrowed:
+    """The session's backend lent to one scheduler: everything but ``close``."""
 
     def __init__(self, backend: TFGPT2Backend):
-        vocab = backend._tokenizer.convert_ids_to_tokens(list(range(backend.vocab_width)))
-        self.digits = np.array([t.isascii() and t.isdigit() for t in vocab])
-        self.eos = backend.eos_token_id
-        self.seen: list[int] = []
+        self._backend = backend
 
-    def allowed_tokens(self) -> np.ndarray:
-        if len(self.seen) >= 4:
-            mask = np.zeros_like(self.digits)
-            mask[self.eos] = True
-            return mask
-        return self.digits
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
 
-    def consume(self, token_id: int) -> None:
-        self.seen.append(token_id)
-
-    def is_finished(self) -> bool:
-        return bool(self.seen) and self.seen[-1] == self.eos
+    def close(self) -> None:
+        pass
 
 
-def test_constraint_mask_is_respected(tiny: TFGPT2Backend, small_xla: TFGPT2Backend) -> None:
-    for backend in (tiny, small_xla):
-        constraints = [DigitsOrEnd(backend), DigitsOrEnd(backend)]
-        seqs = backend.generate(["Numbers:", "Pick some"], SamplingParams(max_new_tokens=10, temperature=1.0, seed=2),
-                                constraints=constraints)
-        for seq, c in zip(seqs, constraints):
-            assert seq.token_ids and all(c.digits[t] for t in seq.token_ids)
-            assert seq.text.isdigit() and seq.finish_reason == "stop"
-            assert c.seen == seq.token_ids + [c.eos]
-
-
-def test_cancel_and_lock(tiny: TFGPT2Backend) -> None:
-    cancel = threading.Event()
-    steps = tiny.decode(["Cancel me"], SamplingParams(max_new_tokens=30, temperature=1.0, seed=0), cancel=cancel)
-    first = next(steps)
-    assert tiny._lock.locked(), "the lock is held while a decode is in progress"
-    cancel.set()
-    rest = list(steps)
-    assert len(rest) == 1 and first[0].finish_reason == "cancelled" and first[0].completion_tokens == 1
-    assert not tiny._lock.locked()
-
-
-def test_warmup_compiles_every_bucket_so_requests_do_not(tiny_dir: Path, cache_dir: Path) -> None:
-    limits = FREE.limits.model_copy(update={"max_prompt_tokens": 20, "max_new_tokens": 8, "max_structured_tokens": 8})
-    profile = FREE.model_copy(update={"limits": limits})
-    backend = TFGPT2Backend.load(profile, Settings(cache_dir=str(cache_dir)), str(tiny_dir))  # warmup on
+def _run_all(backend: TFGPT2Backend, requests: list[tuple[str, SamplingParams]], together: bool):
+    """Each request's text and token count: all submitted at once (sharing steps) or one after another."""
+    scheduler = Scheduler(_Borrowed(backend))
     try:
-        info = backend.info()
-        assert info["buckets"] == {"batch": [1], "prompt_tokens": [32], "context_tokens": [32]}
-        assert info["warmup_s"] > 0
-        compiled = dict(backend._fns._concrete)
-        backend.generate(["A prompt within the limits"], SamplingParams(max_new_tokens=8, temperature=0.5, seed=1))
-        assert backend._fns._concrete == compiled, "a request inside the tier's limits compiled a new shape"
+        if together:
+            handles = [scheduler.submit(backend.tokenize(p), params) for p, params in requests]
+            finals = [h.result(timeout=300) for h in handles]
+        else:
+            finals = [scheduler.submit(backend.tokenize(p), params).result(timeout=300) for p, params in requests]
+        return [(f.text, f.completion_tokens, f.finish_reason) for f in finals]
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("attention", ["batched", "per-row"])
+def test_requests_decode_the_same_alone_and_next_to_each_other(small: TFGPT2Backend, attention: str) -> None:
+    """Greedy and seeded answers are exactly the same whatever else shares the steps and the slots."""
+    small._graph.per_row_attention = attention == "per-row"
+    small._graph._concrete.clear()
+    greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
+    # The long prompt (> max_step_tokens) is prefilled in chunks that depend on what else is running.
+    long_prompt = PROMPTS[2] * 5
+    assert len(small.tokenize(long_prompt)) > small.limits().max_step_tokens
+    requests = [(PROMPTS[0], greedy), (PROMPTS[1], greedy), (long_prompt, greedy),
+                (PROMPTS[1], SamplingParams(max_new_tokens=16, temperature=1.0, seed=7))]
+    alone = _run_all(small, requests, together=False)
+    together = _run_all(small, requests, together=True)
+    assert alone == together
+    assert len({text for text, _, _ in alone[:3]}) == 3, "prompts should lead to different continuations"
+
+
+def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:
+    config = engine_config(small_dir, cache_dir, warmup=True, n_slots=3, max_prompt_tokens=40, max_new_tokens=30,
+                           float16=False)
+    backend = TFGPT2Backend.load(config)
+    try:
+        details = backend.info().details
+        assert details["buckets"] == {"decode_rows": [2, 3], "context_windows": [70], "prefill_block": 32}
+        assert details["warmup_s"] > 0
+        compiled = backend.compiled_shapes()
+        scheduler = Scheduler(_Borrowed(backend))
+        try:
+            long_prompt = backend.tokenize("word " * 400)[:39]
+            handles = [scheduler.submit(long_prompt, SamplingParams(max_new_tokens=30, temperature=0.0)),
+                       scheduler.submit(backend.tokenize("Hi"), SamplingParams(max_new_tokens=30, temperature=0.7)),
+                       scheduler.submit(backend.tokenize("Yo"), SamplingParams(max_new_tokens=5, temperature=0.0)),
+                       scheduler.submit(backend.tokenize("Hey"), SamplingParams(max_new_tokens=3, temperature=0.0))]
+            finals = [h.result(timeout=300) for h in handles]
+            assert [f.finish_reason for f in finals] == ["length"] * 4
+            assert scheduler.call_exclusive(lambda b: b.score(long_prompt), timeout=300).shape == (38,)
+        finally:
+            scheduler.close()
+        assert backend.compiled_shapes() == compiled, "a request inside the tier's limits compiled a new shape"
     finally:
         backend.close()
 
 
-class _NoXla:
-    """Stands in for a jit-compiled tf.function whose compilation fails."""
-
-    def get_concrete_function(self, *args):
-        def fail(*args):
-            raise RuntimeError("XLA cannot compile this")
-        return fail
+def test_bad_rows_are_refused_with_a_reason(small: TFGPT2Backend) -> None:
+    with pytest.raises(ValueError, match="slot 9 does not exist"):
+        small.forward([Row(9, (1,), 0)])
+    with pytest.raises(ValueError, match="do not fit"):
+        small.forward([Row(0, (1, 2), small.limits().max_sequence_tokens - 1)])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        small.forward([Row(0, (50257,), 0)])
+    with pytest.raises(ValueError, match="at most once"):
+        small.forward([Row(0, (1,), 0), Row(0, (2,), 1)])
 
 
 def test_xla_failure_falls_back_to_graphs(tiny_dir: Path, cache_dir: Path) -> None:
-    backend = TFGPT2Backend.load(FREE, Settings(cache_dir=str(cache_dir), warmup=False), str(tiny_dir))
+    backend = TFGPT2Backend.load(engine_config(tiny_dir, cache_dir))
     try:
-        backend._fns._functions[True] = {"prefill": _NoXla(), "step": _NoXla()}
-        seq = backend.generate(["Still works"], GREEDY)[0]
-        assert seq.completion_tokens == GREEDY.max_new_tokens
-        info = backend.info()
-        assert info["xla"] is False and "XLA cannot compile this" in info["xla_note"]
+        graph = backend._graph
+
+        def fail(*args):
+            raise RuntimeError("XLA cannot compile this")
+
+        block = (PREFILL_BLOCK,)
+        graph._concrete[(True, "prefill", None, block, (), (), ())] = fail
+        out = backend.forward([Row(0, tuple(backend.tokenize("Still works")), 0)])
+        assert 0 <= out.argmax(0) < backend.vocab_width
+        details = backend.info().details
+        assert details["xla"] is False and "XLA cannot compile this" in details["xla_note"]
     finally:
         backend.close()

