@@ -16,6 +16,7 @@ registry refuses to retrieve, so even a schema that skipped intake cannot reach 
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 # jsonschema checks "pattern" with Python's re, so Python's own regex parser decides what is valid.
 from re import _constants as sre_c, _parser as sre_parse
-from typing import Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, TypeVar
 
 import jsonschema
 import llguidance
@@ -37,12 +38,16 @@ from jsonschema.validators import Draft202012Validator, validator_for
 from pydantic import BaseModel
 from referencing import Registry
 
-from slm_app.backends.base import Backend, SamplingParams
+from slm_app.backends.base import SamplingParams, TokenConstraint
 from slm_app.settings import TierLimits
+
+if TYPE_CHECKING:
+    from slm_app.scheduler import Completion
 
 __all__ = [
     "CompiledSchema", "JsonSchemaConstraint", "SchemaError", "StructuredOutputError", "StructuredResult",
-    "build_prompt", "compile_schema", "generate_model", "generate_structured", "parse_schema", "validate_output",
+    "StructuredRunner", "build_prompt", "check_fits", "compile_schema", "generate_model", "generate_structured",
+    "parse_schema", "shortest_completion", "validate_output",
 ]
 
 
@@ -236,6 +241,7 @@ _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenien
 # verbose_errors off: error messages go to users and must not dump grammar internals.
 _PARSER_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 _CACHE_SIZE = 64
+MAX_SHORTEST = 4_096  # tokens the walk to the smallest instance may take (far above any budget)
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,6 +255,17 @@ class CompiledSchema:
     compile_ms: float  # all rungs tried, not only the one that worked
     tokenizer: llguidance.LLTokenizer
     _matcher: llguidance.LLMatcher = field(repr=False)
+    # The shortest completion from the start (``shortest_completion``): the smallest instance's
+    # tokens as far as the greedy walk finds it; None if it found none within MAX_SHORTEST tokens.
+    shortest: tuple[int, ...] | None = None
+
+    @property
+    def min_tokens(self) -> int | None:
+        return None if self.shortest is None else len(self.shortest)
+
+    @property
+    def min_instance(self) -> str | None:
+        return None if self.shortest is None else self.tokenizer.decode_str(list(self.shortest))
 
     def new_matcher(self) -> llguidance.LLMatcher:
         return self._matcher.deep_copy()
@@ -326,9 +343,11 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         if matcher.is_error():
             errors.append(matcher.get_error())
             continue
+        shortest = shortest_completion(matcher, tokenizer, limit=MAX_SHORTEST)
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
-                                  tokenizer=tokenizer, _matcher=matcher)
+                                  tokenizer=tokenizer, _matcher=matcher,
+                                  shortest=None if shortest is None else tuple(shortest))
         with _cache_lock:
             _cache[key] = compiled
             while len(_cache) > _CACHE_SIZE:
@@ -343,14 +362,119 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
 # ---------------------------------------------------------------------------------------------
 
 
+# Budget steering. A model (a random one especially, or one caught in a loop) can spend any budget
+# before the JSON closes. So every step the constraint knows a shortest way to close the value from
+# where it is (``shortest_completion``: a greedy walk over a copy of the matcher), and as the
+# remaining budget comes near its length it narrows the mask: first to tokens that open nothing
+# (no ``{ [ , :`` or escapes: the current string or number may go on, containers may close), then,
+# at the last moment, to the walk's next token only. Output then closes within budget whenever the
+# walk's completion fits, and the walk from the start measures the smallest instance, which is how
+# a schema that cannot fit is refused up front.
+NEAR = 8  # slack (tokens to spare beyond the shortest completion) at which the mask starts narrowing
+TIGHT = 2  # slack at which only the shortest completion's next token is allowed
+RECHECK_EVERY = 8  # far from the end, recompute the shortest completion at least this often
+# Tried in this order at each step of the walk, before falling back to the full mask: closers first,
+# then "," (allowed only where a required member or item must follow, or as string text), then the
+# shortest values ("1" before "0": years, exclusive minimums and dates refuse 0 more often).
+_WALK_PREFERENCE = ('"', "}", "]", ",", "1", "0", '""', "[]", "{}", "null", "false", "true", "[", "{", ":")
+_OPENERS = frozenset(b"{[,:\\")
+
+
+@dataclass(frozen=True, eq=False)
+class _VocabFacts:
+    """Per tokenizer: the walk's preferred tokens and which tokens open nothing."""
+
+    preferred: tuple[int, ...]
+    eos: int
+    safe: np.ndarray  # bool over the vocabulary: the token's bytes contain none of { [ , : \\
+    opens: np.ndarray  # the complement, for special tokens False (they never carry JSON)
+    token_bytes: tuple[bytes, ...]
+
+
+_vocab_facts: dict[int, tuple[llguidance.LLTokenizer, _VocabFacts]] = {}
+
+
+def _facts(tokenizer: llguidance.LLTokenizer) -> _VocabFacts:
+    hit = _vocab_facts.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    preferred = []
+    for text in _WALK_PREFERENCE:
+        ids = tokenizer.tokenize_str(text)
+        if len(ids) == 1 and ids[0] not in preferred:
+            preferred.append(ids[0])
+    n = tokenizer.vocab_size
+    pieces = tuple(b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i]) for i in range(n))
+    opens = np.fromiter((not _OPENERS.isdisjoint(p) for p in pieces), dtype=np.bool_, count=n)
+    facts = _VocabFacts(tuple(preferred), tokenizer.eos_token, ~opens, opens, pieces)
+    with _cache_lock:
+        _vocab_facts[id(tokenizer)] = (tokenizer, facts)  # holds the tokenizer: its id stays unique
+    return facts
+
+
+def _allowed_ids(matcher: llguidance.LLMatcher, n: int) -> np.ndarray:
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    return np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
+
+
+def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer,
+                        limit: int, position: "_JsonPosition | None" = None) -> list[int] | None:
+    """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
+    walk gets no further within ``limit`` tokens.
+
+    Each step takes the forced tokens if there are any, else the first preferred token the grammar
+    allows (close the string, the array, the object; else the shortest value), else the lowest
+    allowed token id. Optional members and items are never opened (closing is preferred wherever it
+    is allowed) and required ones get minimal values. Greedy, so an upper bound on the shortest:
+    exact on most schemas, longer where choosing a branch early would have paid off later.
+    """
+    facts = _facts(tokenizer)
+    m = matcher.deep_copy()
+    path: list[int] = []
+    # Inside a string with a format or pattern, a preferred token may be allowed as text forever
+    # ("}}}}" in an email's local part): within one string a token already chosen twice is passed
+    # over, so the walk tries other characters until one moves the string toward its end.
+    recent: collections.Counter[int] = collections.Counter()
+    pos = _JsonPosition() if position is None else position.copy()
+    while not m.is_accepting():
+        if m.is_stopped() or len(path) >= limit:
+            return None
+        forced = m.compute_ff_tokens()
+        if forced:
+            if not m.consume_tokens(forced):
+                return None
+            path.extend(forced)
+            for t in forced:
+                pos.feed(facts.token_bytes[t])
+            recent.clear()
+            continue
+        token = next((t for t in facts.preferred if recent[t] < 2 and m.try_consume_tokens([t]) == 1), None)
+        if token is None:
+            allowed = _allowed_ids(m, tokenizer.vocab_size)
+            allowed = [int(t) for t in allowed if t != facts.eos]
+            if not allowed:
+                return None
+            token = next((t for t in allowed if t not in recent), allowed[0])
+            if not m.consume_token(token):
+                return None
+        path.append(token)
+        pos.feed(facts.token_bytes[token])
+        if pos.in_string:
+            recent[token] += 1
+        else:
+            recent.clear()
+    return path
+
+
 class JsonSchemaConstraint:
-    """``TokenConstraint`` over an llguidance matcher: which tokens keep the JSON on the schema.
+    """``TokenConstraint`` over an llguidance matcher: which tokens keep the JSON on the schema and,
+    given the remaining budget, closable in time.
 
     The end-of-text token is in the mask only once the JSON is complete (llguidance's rule), and
     ``is_finished`` turns true as soon as nothing more can follow, so the backend stops there.
     """
 
-    def __init__(self, compiled: CompiledSchema, vocab_width: int):
+    def __init__(self, compiled: CompiledSchema, vocab_width: int, steer: bool = True):
         self.compiled = compiled
         self.vocab_width = vocab_width
         self._matcher = compiled.new_matcher()
@@ -359,15 +483,69 @@ class JsonSchemaConstraint:
         # bit i % 8 of byte 4*j + i // 8, so a uint8 view unpacks in token order with no copy.
         self._bits = llguidance.numpy.allocate_token_bitmask(1, compiled.tokenizer.vocab_size)
         self._bytes = self._bits.view(np.uint8)
+        self._facts = _facts(compiled.tokenizer) if steer else None
+        self._safe = None if self._facts is None else self._widen(self._facts.safe)
+        self._path: list[int] | None = None  # shortest completion, valid when not stale
+        self._closing = 0  # its length when last computed
+        self._stale = True
+        self._since = 0  # tokens consumed since it was computed
+        self._json = _JsonPosition()
+        self.steered = 0  # steps at which the budget narrowed the mask (for tests and benchmarks)
+        self.overrun = False  # the shortest completion outgrew the budget: this output may be cut short
+
+    def _widen(self, mask: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.vocab_width, dtype=np.bool_)
+        n = min(self.vocab_width, mask.size)
+        out[:n] = mask[:n]
+        return out
 
     def allowed_tokens(self, remaining: int | None = None) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bits)
         # count= cuts a vocabulary wider than the logits, and pads with False (zero bits) when the
         # logits are wider than the vocabulary (models pad their embedding to a multiple of 64...).
-        return np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
+        allowed = np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
+        if remaining is None or self._facts is None or self._matcher.is_stopped():
+            return allowed
+        path = self._closing_path(remaining)
+        if path is None:  # no completion found (or none within the budget): nothing to steer to
+            return allowed
+        slack = remaining - len(path)
+        if slack > NEAR or not path:
+            return allowed
+        self.steered += 1
+        if slack <= TIGHT or self._json.in_key:
+            # Only the shortest completion's next token: a key's name decides which value follows,
+            # so near the end the walk picks it, not the model.
+            allowed[:] = False
+        else:
+            allowed &= self._safe
+        if path[0] < self.vocab_width:
+            allowed[path[0]] = True
+        return allowed
+
+    def _closing_path(self, remaining: int) -> list[int] | None:
+        # Far from the end the walk runs only after tokens that open something (where the shortest
+        # completion can grow by more than a token) and every RECHECK_EVERY tokens: its cost stays
+        # off most decode steps. Near the end it runs every step, since its next token is needed.
+        near = remaining - self._closing <= NEAR + TIGHT
+        if self._stale or near or self._since >= RECHECK_EVERY:
+            self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
+                                             position=self._json)
+            if self._path is not None:
+                self._closing = len(self._path)
+                self.overrun |= self._closing > remaining
+            else:
+                self._closing = 0
+            self._stale, self._since = False, 0
+        return self._path
 
     def consume(self, token_id: int) -> None:
-        self._matcher.consume_token(int(token_id))  # on a disallowed token the matcher enters its error state
+        token_id = int(token_id)
+        self._matcher.consume_token(token_id)  # on a disallowed token the matcher enters its error state
+        if self._facts is not None and 0 <= token_id < len(self._facts.token_bytes):
+            self._since += 1
+            self._stale |= bool(self._facts.opens[token_id])
+            self._json.feed(self._facts.token_bytes[token_id])
 
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()  # also true in the error state: stop wasting tokens
@@ -381,6 +559,48 @@ class JsonSchemaConstraint:
         if not self._matcher.is_error():
             return None
         return self._matcher.get_error() or "the matcher is in its error state"
+
+
+class _JsonPosition:
+    """Where in the JSON text the output is, as far as steering needs: inside an object's key."""
+
+    def __init__(self) -> None:
+        self._stack: list[int] = []
+        self._in_string = self._escape = False
+        self.in_key = False  # after "{" or "," in an object, up to the ":" (the key decides the value)
+
+    @property
+    def in_string(self) -> bool:
+        return self._in_string
+
+    def copy(self) -> "_JsonPosition":
+        other = _JsonPosition()
+        other._stack, other._in_string, other._escape, other.in_key = (
+            list(self._stack), self._in_string, self._escape, self.in_key)
+        return other
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif b == 0x5C:  # backslash
+                    self._escape = True
+                elif b == 0x22:
+                    self._in_string = False
+            elif b == 0x22:
+                self._in_string = True
+            elif b in (0x7B, 0x5B):  # { [
+                self._stack.append(b)
+                self.in_key = b == 0x7B
+            elif b in (0x7D, 0x5D):  # } ]
+                if self._stack:
+                    self._stack.pop()
+                self.in_key = False
+            elif b == 0x2C:  # ,
+                self.in_key = bool(self._stack) and self._stack[-1] == 0x7B
+            elif b == 0x3A:  # :
+                self.in_key = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +739,24 @@ class StructuredOutputError(RuntimeError):
         self.result = result
 
 
-def build_prompt(backend: Backend, prompt: str, schema: dict, limits: TierLimits) -> str:
+class StructuredRunner(Protocol):
+    """What structured output needs from the model: the service's run path (``GenerationService``'s
+    ``_StructuredRunner``), or any engine wrapped the same way (tests, benchmarks)."""
+
+    model_id: str
+    vocab_width: int  # logits width: the mask width
+
+    def llguidance_tokenizer(self) -> llguidance.LLTokenizer: ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the model will see it (the prompt budget counts these)."""
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
+        """One constrained generation per prompt, run to the end; failures raise."""
+
+
+def build_prompt(runner: StructuredRunner, prompt: str, schema: dict, limits: TierLimits) -> str:
     """The user's prompt plus the instruction and the schema, within ``max_prompt_tokens`` if possible.
 
     The schema is shown so the model knows the task; the grammar enforces it regardless, so a
@@ -527,7 +764,7 @@ def build_prompt(backend: Backend, prompt: str, schema: dict, limits: TierLimits
     """
     for shown in (schema, _without_annotations(schema)):
         text = _PROMPT.format(prompt=prompt, schema=json.dumps(shown, separators=(",", ":"), ensure_ascii=False))
-        if backend.count_tokens(text) <= limits.max_prompt_tokens:
+        if runner.count_tokens(text) <= limits.max_prompt_tokens:
             return text
     return _PROMPT_NO_SCHEMA.format(prompt=prompt)
 
@@ -550,14 +787,30 @@ def _without_annotations(node: Any) -> Any:
     return out
 
 
-def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limits: TierLimits,
+def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
+    """Refuse, with the reason, a schema whose smallest instance takes more than the budget."""
+    need = compiled.min_tokens
+    if need is None or need <= max_new_tokens:
+        return
+    example = compiled.min_instance or ""
+    example = example if len(example) <= 120 else example[:117] + "..."
+    how = (f"raise max_new_tokens to at least {need}" if need <= cap else
+           f"this tier allows at most {cap} tokens for structured output, so simplify the schema "
+           f"(fewer required members, shorter minimums)")
+    raise SchemaError(f"the smallest JSON this schema allows takes {need} tokens of this model "
+                      f"({example}), more than the budget of {max_new_tokens}: {how}")
+
+
+def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str, *, limits: TierLimits,
                         max_new_tokens: int, temperature: float, seed: int | None,
                         attempts: int = 3) -> StructuredResult:
     """Constrained generation of JSON valid against ``schema_text``; success only if jsonschema agrees.
 
     Raises ``ValueError`` for a token budget outside 1..``limits.max_structured_tokens`` and
-    ``SchemaError`` for a refused schema. Invalid or truncated output is retried with the next
-    seed (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
+    ``SchemaError`` for a refused schema (one whose smallest instance cannot fit the budget too).
+    The constraint steers to a shortest completion as the budget runs out, so the JSON closes in
+    time; invalid output (possible where the grammar is relaxed) is retried with the next seed
+    (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
     """
     cap = limits.max_structured_tokens
     if not 1 <= max_new_tokens <= cap:
@@ -565,16 +818,17 @@ def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limi
                          f"output); got {max_new_tokens}")
     start = time.perf_counter()
     schema = parse_schema(schema_text, limits)
-    compiled = compile_schema(schema, backend.llguidance_tokenizer(), budget=max_new_tokens)
-    full_prompt = build_prompt(backend, prompt, compiled.schema, limits)
+    compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
+    check_fits(compiled, max_new_tokens, cap)
+    full_prompt = build_prompt(runner, prompt, compiled.schema, limits)
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, data, error = 0, "", None, "no attempt was made"
     for attempt in range(tries):
-        constraint = JsonSchemaConstraint(compiled, backend.vocab_width)
+        constraint = JsonSchemaConstraint(compiled, runner.vocab_width)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=None if seed is None else seed + attempt)
-        seq = backend.generate([full_prompt], params, constraints=[constraint])[0]
+        seq = runner.generate([full_prompt], params, [constraint])[0]
         tokens += seq.completion_tokens
         raw = seq.text
         if constraint.error:
@@ -588,20 +842,20 @@ def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limi
         if error is None:
             break
     return StructuredResult(success=error is None, data=data, error=error, relaxed=compiled.relaxed,
-                            model_used=backend.model_id, inference_time_ms=(time.perf_counter() - start) * 1000,
+                            model_used=runner.model_id, inference_time_ms=(time.perf_counter() - start) * 1000,
                             tokens=tokens, raw_text=raw)
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def generate_model(backend: Backend, prompt: str, model_cls: type[M], **kw: Any) -> M:
+def generate_model(runner: StructuredRunner, prompt: str, model_cls: type[M], **kw: Any) -> M:
     """``generate_structured`` for a pydantic model: its JSON Schema in, a validated instance out.
 
     ``kw`` are ``generate_structured``'s keyword arguments (limits, max_new_tokens, temperature, seed...).
     Raises ``StructuredOutputError`` when no valid output was produced.
     """
-    result = generate_structured(backend, prompt, json.dumps(model_cls.model_json_schema()), **kw)
+    result = generate_structured(runner, prompt, json.dumps(model_cls.model_json_schema()), **kw)
     if not result.success:
         raise StructuredOutputError(result)
     return model_cls.model_validate(result.data)
