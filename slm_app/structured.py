@@ -241,7 +241,7 @@ _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenien
 # verbose_errors off: error messages go to users and must not dump grammar internals.
 _PARSER_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 _CACHE_SIZE = 64
-MAX_SHORTEST = 4_096  # tokens the walk to the smallest instance may take (far above any budget)
+MAX_SHORTEST = 1_024  # without a budget, how far the walk to the smallest instance goes
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,17 +255,20 @@ class CompiledSchema:
     compile_ms: float  # all rungs tried, not only the one that worked
     tokenizer: llguidance.LLTokenizer
     _matcher: llguidance.LLMatcher = field(repr=False)
-    # The shortest completion from the start (``shortest_completion``): the smallest instance's
-    # tokens as far as the greedy walk finds it; None if it found none within MAX_SHORTEST tokens.
+    # The walk from the start (``walk_to_completion``): the smallest instance's tokens as far as the
+    # greedy walk finds it, when ``shortest_status`` is "complete"; "long": it needs more than the
+    # budget compiled for; "stuck": unknown.
     shortest: tuple[int, ...] | None = None
+    shortest_status: str = "stuck"
+    walk_limit: int = 0
 
     @property
     def min_tokens(self) -> int | None:
-        return None if self.shortest is None else len(self.shortest)
+        return len(self.shortest) if self.shortest_status == "complete" and self.shortest is not None else None
 
     @property
     def min_instance(self) -> str | None:
-        return None if self.shortest is None else self.tokenizer.decode_str(list(self.shortest))
+        return None if self.shortest is None else self.tokenizer.decode_str(list(self.shortest))  # or its start
 
     def new_matcher(self) -> llguidance.LLMatcher:
         return self._matcher.deep_copy()
@@ -343,11 +346,13 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         if matcher.is_error():
             errors.append(matcher.get_error())
             continue
-        shortest = shortest_completion(matcher, tokenizer, limit=MAX_SHORTEST)
+        # Past the budget the walk's exact length no longer matters: the schema cannot fit.
+        limit = (budget or MAX_SHORTEST) + 1
+        shortest, status = walk_to_completion(matcher, tokenizer, limit)
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
-                                  tokenizer=tokenizer, _matcher=matcher,
-                                  shortest=None if shortest is None else tuple(shortest))
+                                  tokenizer=tokenizer, _matcher=matcher, shortest=tuple(shortest),
+                                  shortest_status=status, walk_limit=limit)
         with _cache_lock:
             _cache[key] = compiled
             while len(_cache) > _CACHE_SIZE:
@@ -373,6 +378,7 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
 NEAR = 8  # slack (tokens to spare beyond the shortest completion) at which the mask starts narrowing
 TIGHT = 2  # slack at which only the shortest completion's next token is allowed
 RECHECK_EVERY = 8  # far from the end, recompute the shortest completion at least this often
+FAR = 64  # slack beyond which the walk is not rerun at all (one token rarely adds this much)
 # Tried in this order at each step of the walk, before falling back to the full mask: closers first,
 # then "," (allowed only where a required member or item must follow, or as string text), then the
 # shortest values ("1" before "0": years, exclusive minimums and dates refuse 0 more often).
@@ -417,16 +423,36 @@ def _allowed_ids(matcher: llguidance.LLMatcher, n: int) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
 
 
-def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer,
-                        limit: int, position: "_JsonPosition | None" = None) -> list[int] | None:
+# Full-mask look-ups one walk may make (up to a few ms each on big grammars): bounds its cost. While
+# decoding, a walk that failed is retried only after 2, 4, 8... more tokens.
+MAX_WALK_MASKS = 48
+DECODE_WALK_MASKS = 12
+
+
+def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
+                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS
+                        ) -> list[int] | None:
     """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
-    walk gets no further within ``limit`` tokens.
+    walk finds none within ``limit`` tokens. See ``walk_to_completion``."""
+    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks)
+    return path if status == "complete" else None
+
+
+def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
+                       position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS
+                       ) -> tuple[list[int], str]:
+    """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
+
+    Status "complete": ``tokens`` complete the value. "long": the walk reached ``limit`` tokens
+    outside any string (the structure itself needs more). "stuck": it found no way on (a string
+    whose pattern it could not satisfy, or too many look-ups).
 
     Each step takes the forced tokens if there are any, else the first preferred token the grammar
     allows (close the string, the array, the object; else the shortest value), else the lowest
     allowed token id. Optional members and items are never opened (closing is preferred wherever it
     is allowed) and required ones get minimal values. Greedy, so an upper bound on the shortest:
     exact on most schemas, longer where choosing a branch early would have paid off later.
+    ``position`` is where the text so far stands (None: at the start).
     """
     facts = _facts(tokenizer)
     m = matcher.deep_copy()
@@ -436,13 +462,16 @@ def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLT
     # over, so the walk tries other characters until one moves the string toward its end.
     recent: collections.Counter[int] = collections.Counter()
     pos = _JsonPosition() if position is None else position.copy()
+    masks = 0
     while not m.is_accepting():
-        if m.is_stopped() or len(path) >= limit:
-            return None
+        if m.is_stopped():
+            return path, "stuck"
+        if len(path) >= limit:  # looping in a string (it repeats itself) or simply long
+            return path, "stuck" if pos.in_string and any(n >= 2 for n in recent.values()) else "long"
         forced = m.compute_ff_tokens()
         if forced:
             if not m.consume_tokens(forced):
-                return None
+                return path, "stuck"
             path.extend(forced)
             for t in forced:
                 pos.feed(facts.token_bytes[t])
@@ -450,20 +479,21 @@ def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLT
             continue
         token = next((t for t in facts.preferred if recent[t] < 2 and m.try_consume_tokens([t]) == 1), None)
         if token is None:
-            allowed = _allowed_ids(m, tokenizer.vocab_size)
+            masks += 1
+            allowed = _allowed_ids(m, tokenizer.vocab_size) if masks <= max_masks else []
             allowed = [int(t) for t in allowed if t != facts.eos]
             if not allowed:
-                return None
+                return path, "stuck"
             token = next((t for t in allowed if t not in recent), allowed[0])
             if not m.consume_token(token):
-                return None
+                return path, "stuck"
         path.append(token)
         pos.feed(facts.token_bytes[token])
         if pos.in_string:
             recent[token] += 1
         else:
             recent.clear()
-    return path
+    return path, "complete"
 
 
 class JsonSchemaConstraint:
@@ -485,11 +515,16 @@ class JsonSchemaConstraint:
         self._bytes = self._bits.view(np.uint8)
         self._facts = _facts(compiled.tokenizer) if steer else None
         self._safe = None if self._facts is None else self._widen(self._facts.safe)
-        self._path: list[int] | None = None  # shortest completion, valid when not stale
-        self._closing = 0  # its length when last computed
-        self._stale = True
-        self._since = 0  # tokens consumed since it was computed
+        self._path: list[int] | None = None  # a shortest completion, from the current state if _fresh
+        self._closing: int | None = None  # its length when last computed (None: none found)
+        self._fresh = False
+        self._walked = False
+        self._backoff = 0  # tokens to wait before walking again after a walk that found nothing
+        self._stale = False  # a token that opens something came since the last walk
+        self._since = 0  # tokens consumed since the last walk
         self._json = _JsonPosition()
+        if compiled.min_tokens is not None:  # the compile-time walk starts from the same state
+            self._path, self._closing, self._fresh, self._walked = list(compiled.shortest), compiled.min_tokens, True, True
         self.steered = 0  # steps at which the budget narrowed the mask (for tests and benchmarks)
         self.overrun = False  # the shortest completion outgrew the budget: this output may be cut short
 
@@ -524,28 +559,46 @@ class JsonSchemaConstraint:
         return allowed
 
     def _closing_path(self, remaining: int) -> list[int] | None:
-        # Far from the end the walk runs only after tokens that open something (where the shortest
-        # completion can grow by more than a token) and every RECHECK_EVERY tokens: its cost stays
-        # off most decode steps. Near the end it runs every step, since its next token is needed.
-        near = remaining - self._closing <= NEAR + TIGHT
-        if self._stale or near or self._since >= RECHECK_EVERY:
+        """The shortest completion from here if it may matter now (else a stale one, or None)."""
+        # The walk costs ~0.04 ms a token (GPT-2), a mask lookup more where it must fall back, so it
+        # runs only when it may matter: near the end (every step: its next token is needed), and far
+        # from it only within FAR tokens of slack, after tokens that open something (where the
+        # shortest completion can grow by more than a token) or every RECHECK_EVERY tokens. When the
+        # model takes the walk's own next token, the rest of the walk is still a shortest completion.
+        if self._fresh:
+            return self._path
+        due = self._stale or self._since >= RECHECK_EVERY or self._closing is None and not self._walked
+        if self._closing is None:
+            walk = not self._walked or self._since >= self._backoff
+        else:
+            slack = remaining - self._closing
+            walk = slack <= NEAR + TIGHT or (due and slack <= FAR)
+        if walk:
+            self._walked = True
             self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
-                                             position=self._json)
-            if self._path is not None:
-                self._closing = len(self._path)
-                self.overrun |= self._closing > remaining
+                                             position=self._json, max_masks=DECODE_WALK_MASKS)
+            if self._path is None:
+                self.overrun = True  # no completion found within the budget: the output may be cut short
+                self._backoff = 2 * self._backoff or 2
             else:
-                self._closing = 0
-            self._stale, self._since = False, 0
+                self._backoff = 0
+            self._closing = None if self._path is None else len(self._path)
+            self._fresh, self._stale, self._since = self._path is not None, False, 0
         return self._path
 
     def consume(self, token_id: int) -> None:
         token_id = int(token_id)
         self._matcher.consume_token(token_id)  # on a disallowed token the matcher enters its error state
-        if self._facts is not None and 0 <= token_id < len(self._facts.token_bytes):
-            self._since += 1
-            self._stale |= bool(self._facts.opens[token_id])
-            self._json.feed(self._facts.token_bytes[token_id])
+        if self._facts is None or not 0 <= token_id < len(self._facts.token_bytes):
+            return
+        self._json.feed(self._facts.token_bytes[token_id])
+        if self._fresh and self._path and self._path[0] == token_id:
+            self._path = self._path[1:]
+            self._closing = len(self._path)
+            return
+        self._fresh = False
+        self._since += 1
+        self._stale |= bool(self._facts.opens[token_id])
 
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()  # also true in the error state: stop wasting tokens
@@ -788,16 +841,23 @@ def _without_annotations(node: Any) -> Any:
 
 
 def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
-    """Refuse, with the reason, a schema whose smallest instance takes more than the budget."""
-    need = compiled.min_tokens
-    if need is None or need <= max_new_tokens:
+    """Refuse, with the reason, a schema whose smallest instance takes more than the budget.
+
+    The walk is greedy, so its length is an upper bound; a walk that found nothing ("stuck":
+    a pattern it cannot satisfy) refuses nothing: the model may still do better.
+    """
+    status, walked = compiled.shortest_status, compiled.shortest or ()
+    if status == "complete" and len(walked) <= max_new_tokens or status == "stuck":
         return
-    example = compiled.min_instance or ""
-    example = example if len(example) <= 120 else example[:117] + "..."
-    how = (f"raise max_new_tokens to at least {need}" if need <= cap else
+    example = compiled.tokenizer.decode_str(list(walked[:48]))
+    example = example if len(walked) <= 48 else example + "..."
+    need = f"{len(walked)} tokens" if status == "complete" else f"more than {compiled.walk_limit - 1} tokens"
+    least = len(walked) if status == "complete" else None
+    how = (f"raise max_new_tokens to at least {least}" if least is not None and least <= cap else
            f"this tier allows at most {cap} tokens for structured output, so simplify the schema "
-           f"(fewer required members, shorter minimums)")
-    raise SchemaError(f"the smallest JSON this schema allows takes {need} tokens of this model "
+           f"(fewer required members, shorter minimums)" if least is not None else
+           "simplify the schema (fewer required members, shorter minimums) or raise max_new_tokens")
+    raise SchemaError(f"the smallest JSON this schema allows takes {need} of this model "
                       f"({example}), more than the budget of {max_new_tokens}: {how}")
 
 
