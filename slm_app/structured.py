@@ -274,7 +274,7 @@ class CompiledSchema:
         return self._matcher.deep_copy()
 
 
-_cache: OrderedDict[tuple[str, int], CompiledSchema] = OrderedDict()
+_cache: OrderedDict[tuple[str, int, int | None], CompiledSchema] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -332,7 +332,8 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
     grammar_schema = schema if budget is None else bound_for_budget(schema, budget)
     # Key order stays: it is the output's property order. The entry keeps the tokenizer alive,
     # so its id() cannot be reused by another tokenizer while the entry exists.
-    key = (json.dumps(grammar_schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer))
+    # The budget is in the key too: it bounds the walk to the smallest instance.
+    key = (json.dumps(grammar_schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer), budget)
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
             _cache.move_to_end(key)
@@ -378,6 +379,9 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
 NEAR = 8  # slack (tokens to spare beyond the shortest completion) at which the mask starts narrowing
 TIGHT = 2  # slack at which only the shortest completion's next token is allowed
 RECHECK_EVERY = 8  # far from the end, recompute the shortest completion at least this often
+VERIFY = 2 * NEAR  # slack at which a choice among a few tokens is checked token by token
+MAX_CHECKED = 16  # "a few"
+FREE_TEXT = 256  # more allowed tokens than this, near the end, is free text (a string's content)
 FAR = 64  # slack beyond which the walk is not rerun at all (one token rarely adds this much)
 # Tried in this order at each step of the walk, before falling back to the full mask: closers first,
 # then "," (allowed only where a required member or item must follow, or as string text), then the
@@ -477,11 +481,12 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
                 pos.feed(facts.token_bytes[t])
             recent.clear()
             continue
-        token = next((t for t in facts.preferred if recent[t] < 2 and m.try_consume_tokens([t]) == 1), None)
+        token = next((t for t in facts.preferred if recent[t] < 2 and not _repeats_key(pos, facts, t)
+                      and m.try_consume_tokens([t]) == 1), None)
         if token is None:
             masks += 1
             allowed = _allowed_ids(m, tokenizer.vocab_size) if masks <= max_masks else []
-            allowed = [int(t) for t in allowed if t != facts.eos]
+            allowed = [int(t) for t in allowed if t != facts.eos and not _repeats_key(pos, facts, t)]
             if not allowed:
                 return path, "stuck"
             token = next((t for t in allowed if t not in recent), allowed[0])
@@ -494,6 +499,14 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
         else:
             recent.clear()
     return path, "complete"
+
+
+def _repeats_key(pos: "_JsonPosition", facts: _VocabFacts, token: int) -> bool:
+    if not pos.in_key or pos.repeated_key:
+        return False
+    after = pos.copy()
+    after.feed(facts.token_bytes[token])
+    return after.repeated_key
 
 
 class JsonSchemaConstraint:
@@ -545,7 +558,14 @@ class JsonSchemaConstraint:
         if path is None:  # no completion found (or none within the budget): nothing to steer to
             return allowed
         slack = remaining - len(path)
-        if slack > NEAR or not path:
+        if slack > VERIFY or not path:
+            return allowed
+        if slack > NEAR:
+            # A choice among few tokens (an enum value, an anyOf branch, close or go on) can commit
+            # to a much longer completion in one token: those few are checked one by one.
+            few = np.flatnonzero(allowed)
+            if few.size <= MAX_CHECKED:
+                self._keep_fitting(allowed, few, remaining)
             return allowed
         self.steered += 1
         if slack <= TIGHT or self._json.in_key:
@@ -554,9 +574,29 @@ class JsonSchemaConstraint:
             allowed[:] = False
         else:
             allowed &= self._safe
+            few = np.flatnonzero(allowed)
+            if few.size <= MAX_CHECKED:
+                self._keep_fitting(allowed, few, remaining)
+            elif few.size <= FREE_TEXT:  # neither a few checkable choices nor free text: play safe
+                allowed[:] = False
         if path[0] < self.vocab_width:
             allowed[path[0]] = True
         return allowed
+
+    def _keep_fitting(self, allowed: np.ndarray, candidates: np.ndarray, remaining: int) -> None:
+        """Clear the candidates after which no completion fits in what is left of the budget."""
+        facts = self._facts
+        for token in candidates.tolist():
+            if token == facts.eos:
+                continue
+            m = self._matcher.deep_copy()
+            position = self._json.copy()
+            position.feed(facts.token_bytes[token])
+            if not m.consume_token(token) or (
+                    not m.is_accepting()
+                    and shortest_completion(m, self.compiled.tokenizer, limit=remaining - 1, position=position,
+                                            max_masks=DECODE_WALK_MASKS) is None):
+                allowed[token] = False
 
     def _closing_path(self, remaining: int) -> list[int] | None:
         """The shortest completion from here if it may matter now (else a stale one, or None)."""
@@ -615,12 +655,16 @@ class JsonSchemaConstraint:
 
 
 class _JsonPosition:
-    """Where in the JSON text the output is, as far as steering needs: inside an object's key."""
+    """Where in the JSON text the output is, as far as steering needs: inside an object's key, inside
+    a string, and which keys the open objects already have (the walk must not repeat one: llguidance
+    allows a repeated key in an open map, the validator does not)."""
 
     def __init__(self) -> None:
-        self._stack: list[int] = []
-        self._in_string = self._escape = False
+        self._stack: list[set[bytes] | None] = []  # per open container: an object's keys, None for an array
+        self._in_string = self._escape = self._is_key = False
+        self._key = bytearray()
         self.in_key = False  # after "{" or "," in an object, up to the ":" (the key decides the value)
+        self.repeated_key = False  # a key was written twice in one object
 
     @property
     def in_string(self) -> bool:
@@ -628,8 +672,10 @@ class _JsonPosition:
 
     def copy(self) -> "_JsonPosition":
         other = _JsonPosition()
-        other._stack, other._in_string, other._escape, other.in_key = (
-            list(self._stack), self._in_string, self._escape, self.in_key)
+        other._stack = [None if keys is None else set(keys) for keys in self._stack]
+        other._in_string, other._escape, other._is_key = self._in_string, self._escape, self._is_key
+        other._key = bytearray(self._key)
+        other.in_key, other.repeated_key = self.in_key, self.repeated_key
         return other
 
     def feed(self, data: bytes) -> None:
@@ -641,17 +687,28 @@ class _JsonPosition:
                     self._escape = True
                 elif b == 0x22:
                     self._in_string = False
+                    if self._is_key and self._stack and self._stack[-1] is not None:
+                        key = bytes(self._key)
+                        self.repeated_key |= key in self._stack[-1]
+                        self._stack[-1].add(key)
+                    continue
+                if self._is_key:
+                    self._key.append(b)
             elif b == 0x22:
-                self._in_string = True
-            elif b in (0x7B, 0x5B):  # { [
-                self._stack.append(b)
-                self.in_key = b == 0x7B
+                self._in_string, self._is_key = True, self.in_key
+                self._key.clear()
+            elif b == 0x7B:  # {
+                self._stack.append(set())
+                self.in_key = True
+            elif b == 0x5B:  # [
+                self._stack.append(None)
+                self.in_key = False
             elif b in (0x7D, 0x5D):  # } ]
                 if self._stack:
                     self._stack.pop()
                 self.in_key = False
             elif b == 0x2C:  # ,
-                self.in_key = bool(self._stack) and self._stack[-1] == 0x7B
+                self.in_key = bool(self._stack) and self._stack[-1] is not None
             elif b == 0x3A:  # :
                 self.in_key = False
 
@@ -846,12 +903,17 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
     The walk is greedy, so its length is an upper bound; a walk that found nothing ("stuck":
     a pattern it cannot satisfy) refuses nothing: the model may still do better.
     """
-    status, walked = compiled.shortest_status, compiled.shortest or ()
+    status, walked, limit = compiled.shortest_status, compiled.shortest or (), compiled.walk_limit
     if status == "complete" and len(walked) <= max_new_tokens or status == "stuck":
         return
+    if status == "long" and limit <= cap:  # measure up to the tier's cap, to say what budget would do
+        limit = cap + 1
+        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit)
+        if status == "stuck" or status == "complete" and len(walked) <= max_new_tokens:
+            return
     example = compiled.tokenizer.decode_str(list(walked[:48]))
     example = example if len(walked) <= 48 else example + "..."
-    need = f"{len(walked)} tokens" if status == "complete" else f"more than {compiled.walk_limit - 1} tokens"
+    need = f"{len(walked)} tokens" if status == "complete" else f"more than {limit - 1} tokens"
     least = len(walked) if status == "complete" else None
     how = (f"raise max_new_tokens to at least {least}" if least is not None and least <= cap else
            f"this tier allows at most {cap} tokens for structured output, so simplify the schema "
