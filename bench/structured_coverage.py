@@ -46,6 +46,29 @@ DEFAULT_SCHEMAS = Path(__file__).resolve().parents[1] / ".." / "shared" / "schem
 PROMPT = "Write one realistic example document for the schema below."
 
 
+class TimedConstraint:
+    """Times the constraint's own work (mask, steering walks, consume) per decode step."""
+
+    def __init__(self, inner: TokenConstraint, clock: "TimedRunner"):
+        self.inner, self.clock = inner, clock
+
+    def allowed_tokens(self, remaining: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.inner.allowed_tokens(remaining)
+        finally:
+            self.clock.mask_s += time.perf_counter() - start
+            self.clock.steps += 1
+
+    def consume(self, token_id: int) -> None:
+        start = time.perf_counter()
+        self.inner.consume(token_id)
+        self.clock.mask_s += time.perf_counter() - start
+
+    def is_finished(self) -> bool:
+        return self.inner.is_finished()
+
+
 class TimedRunner:
     """The service's structured runner, adding up decode time and tokens after each first token.
 
@@ -56,6 +79,7 @@ class TimedRunner:
     def __init__(self, inner: _StructuredRunner):
         self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
         self.seconds, self.tokens = 0.0, 0
+        self.mask_s, self.steps = 0.0, 0
 
     def llguidance_tokenizer(self) -> Any:
         return self.inner.llguidance_tokenizer()
@@ -65,7 +89,7 @@ class TimedRunner:
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  constraints: Sequence[TokenConstraint]) -> list[Completion]:
-        out = self.inner.generate(prompts, params, constraints)
+        out = self.inner.generate(prompts, params, [TimedConstraint(c, self) for c in constraints])
         for final in out:
             self.add(final)
         return out
@@ -93,7 +117,7 @@ def independent_check(raw: str, schema: dict) -> bool:
 
 
 def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tokens: int,
-            attempts: int) -> dict[str, Any]:
+            attempts: int, steer: bool = True) -> dict[str, Any]:
     limits = service.limits
     case = json.loads(path.read_text())
     text = json.dumps(case["schema"])
@@ -112,15 +136,17 @@ def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tok
         return {**row, "outcome": "uncompilable"}
     row.update(mode=compiled.mode, min_tokens=compiled.min_tokens)
 
-    runner.seconds = runner.tokens = 0
+    runner.seconds = runner.tokens = runner.steps = 0
+    runner.mask_s = 0.0
     try:
         result = structured.generate_structured(runner, PROMPT, text, limits=limits, max_new_tokens=max_tokens,
-                                                temperature=0.7, seed=0, attempts=attempts)
+                                                temperature=0.7, seed=0, attempts=attempts, steer=steer)
     except structured.SchemaError as exc:  # the smallest instance does not fit the budget
         return {**row, "outcome": "refused", "reason": str(exc)}
     except Exception as exc:  # a backend failure is a finding to report, not a reason to lose the run
         return {**row, "outcome": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    row.update(constrained_s=runner.seconds, constrained_tokens=runner.tokens, tokens=result.tokens)
+    row.update(constrained_s=runner.seconds, constrained_tokens=runner.tokens, tokens=result.tokens,
+               mask_s=runner.mask_s, mask_steps=runner.steps)
     if result.success:
         row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema))
     else:
@@ -155,12 +181,14 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
             f"{statistics.median(ms):.1f}" if ms else "-",
             f"{statistics.quantiles(ms, n=20)[-1]:.1f}" if len(ms) > 1 else "-",
             f"{c_tps:.0f}" if timed else "-", f"{f_tps:.0f}" if timed else "-",
-            f"{c_tps / f_tps:.2f}" if timed and f_tps else "-"]
+            f"{c_tps / f_tps:.2f}" if timed and f_tps else "-",
+            f"{1000 * sum(r['mask_s'] for r in timed) / max(sum(r['mask_steps'] for r in timed), 1):.2f}"
+            if timed else "-"]
 
 
 HEADER = ["subset", "schemas", "strict", "relaxed", "refused", "valid output", "valid or refused", "truncated",
           "invalid", "reported valid but invalid", "compile ms p50", "compile ms p95", "tok/s constrained",
-          "tok/s free", "ratio"]
+          "tok/s free", "ratio", "constraint ms/step"]
 
 
 def main() -> None:
@@ -173,6 +201,7 @@ def main() -> None:
     ap.add_argument("--schemas", type=Path, default=DEFAULT_SCHEMAS)
     ap.add_argument("--attempts", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument("--no-steer", action="store_true", help="budget steering off (what it adds, for comparison)")
     args = ap.parse_args()
 
     overrides = {"max_structured_tokens": args.max_tokens} if args.max_tokens else {}
@@ -186,13 +215,13 @@ def main() -> None:
     max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)
     lim = service.limits
-    print(f"{len(paths)} schemas, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
+    print(f"{len(paths)} schemas, steering {'off' if args.no_steer else 'on'}, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
           f"max {max_tokens} tokens, {args.attempts} attempts, schema limit {lim.max_schema_chars:,} chars / "
           f"depth {lim.max_schema_depth}", file=sys.stderr)
     rows = []
     try:
         for i, path in enumerate(paths, 1):
-            rows.append(run_one(service, runner, path, max_tokens, args.attempts))
+            rows.append(run_one(service, runner, path, max_tokens, args.attempts, steer=not args.no_steer))
             print(f"[{i}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}", file=sys.stderr)
     finally:
         service.close()

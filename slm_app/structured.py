@@ -238,8 +238,14 @@ _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator"
 # Strict first; then oneOf read as anyOf (llguidance only proves the two equal in some cases);
 # then lenient, which ignores keywords it does not implement. The validator still judges the output.
 _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenient", {"lenient": True}))
+# Compile cost is bounded by llguidance's own budgets, not by the schema's length: a 200k-character
+# Kubernetes schema compiles in well under a second, while a small schema with a pathological regex
+# would not. Grammar symbols and regex fuel are llguidance's defaults (500k symbols; 1M fuel, ~20 ms);
+# lexer states, ~1-2 kB each, are capped at 50k (~100 MB) instead of 250k (~500 MB): a schema that
+# needs more is refused with llguidance's reason. Each mask step keeps its default fuel (~15 ms).
 # verbose_errors off: error messages go to users and must not dump grammar internals.
-_PARSER_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+_PARSER_LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, initial_lexer_fuel=1_000_000,
+                                           max_lexer_states=50_000, verbose_errors=False)
 _CACHE_SIZE = 64
 MAX_SHORTEST = 1_024  # without a budget, how far the walk to the smallest instance goes
 
@@ -925,7 +931,7 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
 
 def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str, *, limits: TierLimits,
                         max_new_tokens: int, temperature: float, seed: int | None,
-                        attempts: int = 3) -> StructuredResult:
+                        attempts: int = 3, steer: bool = True) -> StructuredResult:
     """Constrained generation of JSON valid against ``schema_text``; success only if jsonschema agrees.
 
     Raises ``ValueError`` for a token budget outside 1..``limits.max_structured_tokens`` and
@@ -933,6 +939,7 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     The constraint steers to a shortest completion as the budget runs out, so the JSON closes in
     time; invalid output (possible where the grammar is relaxed) is retried with the next seed
     (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
+    ``steer=False`` turns budget steering and the up-front fit check off (for comparison only).
     """
     cap = limits.max_structured_tokens
     if not 1 <= max_new_tokens <= cap:
@@ -941,13 +948,14 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     start = time.perf_counter()
     schema = parse_schema(schema_text, limits)
     compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
-    check_fits(compiled, max_new_tokens, cap)
+    if steer:
+        check_fits(compiled, max_new_tokens, cap)
     full_prompt = build_prompt(runner, prompt, compiled.schema, limits)
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, data, error = 0, "", None, "no attempt was made"
     for attempt in range(tries):
-        constraint = JsonSchemaConstraint(compiled, runner.vocab_width)
+        constraint = JsonSchemaConstraint(compiled, runner.vocab_width, steer=steer)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=None if seed is None else seed + attempt)
         seq = runner.generate([full_prompt], params, [constraint])[0]
