@@ -222,10 +222,18 @@ def main() -> None:
     try:
         for i, path in enumerate(paths, 1):
             rows.append(run_one(service, runner, path, max_tokens, args.attempts, steer=not args.no_steer))
+            if args.json:  # as it goes: a long run that is stopped still leaves its rows
+                args.json.write_text(json.dumps(rows, indent=1))
             print(f"[{i}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}", file=sys.stderr)
     finally:
         service.close()
 
+    print_report(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
     by_subset: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row in rows:
         by_subset[row["subset"]].append(row)
@@ -241,8 +249,6 @@ def main() -> None:
                                   and r["outcome"] != "truncated")
     for reason, n in reasons.most_common(25):
         print(f"- {n} × {reason}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

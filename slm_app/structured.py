@@ -267,6 +267,7 @@ class CompiledSchema:
     shortest: tuple[int, ...] | None = None
     shortest_status: str = "stuck"
     walk_limit: int = 0
+    hints: tuple[bytes, ...] = ()  # _string_hints: string contents the walk tries first
 
     @property
     def min_tokens(self) -> int | None:
@@ -355,11 +356,12 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
             continue
         # Past the budget the walk's exact length no longer matters: the schema cannot fit.
         limit = (budget or MAX_SHORTEST) + 1
-        shortest, status = walk_to_completion(matcher, tokenizer, limit)
+        hints = _string_hints(schema)
+        shortest, status = walk_to_completion(matcher, tokenizer, limit, hints=hints)
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
                                   tokenizer=tokenizer, _matcher=matcher, shortest=tuple(shortest),
-                                  shortest_status=status, walk_limit=limit)
+                                  shortest_status=status, walk_limit=limit, hints=hints)
         with _cache_lock:
             _cache[key] = compiled
             while len(_cache) > _CACHE_SIZE:
@@ -433,6 +435,90 @@ def _allowed_ids(matcher: llguidance.LLMatcher, n: int) -> np.ndarray:
     return np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
 
 
+# Strings the walk tries first when it opens a string value: a shortest match of each pattern in the
+# schema and an example of each format, so that it can close strings whose grammar a greedy choice
+# of characters would never satisfy (``^.*\\.md$``, ``[0-9]+-[0-9]+``, an email). The grammar decides
+# whether one fits where the walk is; these are only suggestions.
+_FORMAT_EXAMPLES = {
+    "date-time": "2000-01-01T00:00:00Z", "date": "2000-01-01", "time": "00:00:00Z", "duration": "P1D",
+    "email": "a@b.co", "idn-email": "a@b.co", "hostname": "a.co", "idn-hostname": "a.co", "ipv4": "1.1.1.1",
+    "ipv6": "::1", "uri": "a:b", "uri-reference": "a", "iri": "a:b", "iri-reference": "a", "uuid":
+    "00000000-0000-0000-0000-000000000000", "uri-template": "a", "json-pointer": "", "relative-json-pointer": "0",
+    "regex": "a",
+}
+_MAX_HINTS = 64
+_CATEGORY_CHARS = {sre_c.CATEGORY_DIGIT: "1", sre_c.CATEGORY_WORD: "a", sre_c.CATEGORY_SPACE: " ",
+                   sre_c.CATEGORY_NOT_DIGIT: "a", sre_c.CATEGORY_NOT_WORD: "-", sre_c.CATEGORY_NOT_SPACE: "a"}
+
+
+def shortest_match(regex: str) -> str | None:
+    """A short string ``regex`` matches (searched, as JSON Schema's "pattern" is), or None if this
+    simple construction cannot tell (lookarounds, backreferences...)."""
+    try:
+        text = _example(sre_parse.parse(regex))
+    except (re.error, RecursionError, _NoExample):
+        return None
+    return text if text is not None and re.search(regex, text) else None
+
+
+class _NoExample(Exception):
+    pass
+
+
+def _example(seq: Any) -> str:
+    out = []
+    for op, av in seq:
+        if op is sre_c.LITERAL:
+            out.append(chr(av))
+        elif op is sre_c.ANY:
+            out.append("a")
+        elif op is sre_c.IN:
+            out.append(_in_example(av))
+        elif op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
+            lo, _hi, body = av
+            out.append(_example(body) * lo)
+        elif op is sre_c.SUBPATTERN:
+            out.append(_example(av[3]))
+        elif op is sre_c.ATOMIC_GROUP:
+            out.append(_example(av))
+        elif op is sre_c.BRANCH:
+            out.append(min((_example(alt) for alt in av[1]), key=len))
+        elif op is sre_c.AT:
+            continue
+        else:  # lookarounds, backreferences, NOT_LITERAL...: not worth the complexity
+            raise _NoExample
+    return "".join(out)
+
+
+def _in_example(items: Any) -> str:
+    if items and items[0][0] is sre_c.NEGATE:
+        excluded = "".join(_in_example([item]) for item in items[1:] if item[0] is not sre_c.NEGATE)
+        return next(c for c in "a1-_ " if c not in excluded)
+    for op, av in items:
+        if op is sre_c.LITERAL:
+            return chr(av)
+        if op is sre_c.RANGE:
+            lo, hi = av
+            return chr(max(lo, min(hi, ord("a")))) if lo <= ord("a") <= hi else chr(lo)
+        if op is sre_c.CATEGORY and av in _CATEGORY_CHARS:
+            return _CATEGORY_CHARS[av]
+    raise _NoExample
+
+
+def _string_hints(schema: dict) -> tuple[bytes, ...]:
+    """The schema's pattern and format examples as JSON string contents with the closing quote."""
+    texts: list[str] = []
+    for _path, node in _subschemas(schema):
+        if isinstance(node.get("pattern"), str):
+            texts.append(shortest_match(node["pattern"]) or "")
+        if isinstance(node.get("format"), str):
+            texts.append(_FORMAT_EXAMPLES.get(node["format"], ""))
+        if isinstance(node.get("patternProperties"), dict):
+            texts.extend(shortest_match(r) or "" for r in node["patternProperties"])
+    seen: dict[str, None] = dict.fromkeys(t for t in texts if t)
+    return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in list(seen)[:_MAX_HINTS])
+
+
 # Full-mask look-ups one walk may make (up to a few ms each on big grammars): bounds its cost. While
 # decoding, a walk that failed is retried only after 2, 4, 8... more tokens.
 MAX_WALK_MASKS = 48
@@ -440,17 +526,17 @@ DECODE_WALK_MASKS = 12
 
 
 def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
-                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS
-                        ) -> list[int] | None:
+                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
+                        hints: Sequence[bytes] = ()) -> list[int] | None:
     """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
     walk finds none within ``limit`` tokens. See ``walk_to_completion``."""
-    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks)
+    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks, hints)
     return path if status == "complete" else None
 
 
 def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
-                       position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS
-                       ) -> tuple[list[int], str]:
+                       position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
+                       hints: Sequence[bytes] = ()) -> tuple[list[int], str]:
     """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
 
     Status "complete": ``tokens`` complete the value. "long": the walk reached ``limit`` tokens
@@ -462,7 +548,9 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     allowed token id. Optional members and items are never opened (closing is preferred wherever it
     is allowed) and required ones get minimal values. Greedy, so an upper bound on the shortest:
     exact on most schemas, longer where choosing a branch early would have paid off later.
-    ``position`` is where the text so far stands (None: at the start).
+    ``position`` is where the text so far stands (None: at the start). ``hints``: whole string
+    contents (closing quote included, ``_string_hints``) tried first inside a string value whose
+    text so far begins one of them (the grammar may have forced a prefix).
     """
     facts = _facts(tokenizer)
     m = matcher.deep_copy()
@@ -472,7 +560,7 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     # over, so the walk tries other characters until one moves the string toward its end.
     recent: collections.Counter[int] = collections.Counter()
     pos = _JsonPosition() if position is None else position.copy()
-    masks = 0
+    masks, tried_hints = 0, False
     while not m.is_accepting():
         if m.is_stopped():
             return path, "stuck"
@@ -487,6 +575,17 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
                 pos.feed(facts.token_bytes[t])
             recent.clear()
             continue
+        if hints and pos.in_string and not pos.in_key and not tried_hints:
+            tried_hints = True  # once per string: a hint that does not fit now will not later
+            hint = _first_fitting(m, tokenizer, hints, bytes(pos.string_text))
+            if hint is not None:
+                path.extend(hint)
+                for t in hint:
+                    pos.feed(facts.token_bytes[t])
+                recent.clear()
+                continue
+        if not pos.in_string:
+            tried_hints = False
         token = next((t for t in facts.preferred if recent[t] < 2 and not _repeats_key(pos, facts, t)
                       and m.try_consume_tokens([t]) == 1), None)
         if token is None:
@@ -505,6 +604,21 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
         else:
             recent.clear()
     return path, "complete"
+
+
+def _first_fitting(m: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, hints: Sequence[bytes],
+                   written: bytes) -> list[int] | None:
+    """Consume the rest of the first hint that begins with ``written`` and that the grammar takes whole."""
+    for text in hints:
+        if not text.startswith(written) or len(text) == len(written):
+            continue
+        hint = tokenizer.tokenize_bytes(text[len(written):])
+        n = m.try_consume_tokens(hint)
+        if n == len(hint) and not m.is_error():
+            return hint
+        if n:
+            m.rollback(n)
+    return None
 
 
 def _repeats_key(pos: "_JsonPosition", facts: _VocabFacts, token: int) -> bool:
@@ -601,7 +715,7 @@ class JsonSchemaConstraint:
             if not m.consume_token(token) or (
                     not m.is_accepting()
                     and shortest_completion(m, self.compiled.tokenizer, limit=remaining - 1, position=position,
-                                            max_masks=DECODE_WALK_MASKS) is None):
+                                            max_masks=DECODE_WALK_MASKS, hints=self.compiled.hints) is None):
                 allowed[token] = False
 
     def _closing_path(self, remaining: int) -> list[int] | None:
@@ -622,7 +736,8 @@ class JsonSchemaConstraint:
         if walk:
             self._walked = True
             self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
-                                             position=self._json, max_masks=DECODE_WALK_MASKS)
+                                             position=self._json, max_masks=DECODE_WALK_MASKS,
+                                             hints=self.compiled.hints)
             if self._path is None:
                 self.overrun = True  # no completion found within the budget: the output may be cut short
                 self._backoff = 2 * self._backoff or 2
@@ -671,6 +786,7 @@ class _JsonPosition:
         self._key = bytearray()
         self.in_key = False  # after "{" or "," in an object, up to the ":" (the key decides the value)
         self.repeated_key = False  # a key was written twice in one object
+        self.string_text = bytearray()  # the open string's text so far (first 256 bytes)
 
     @property
     def in_string(self) -> bool:
@@ -682,11 +798,14 @@ class _JsonPosition:
         other._in_string, other._escape, other._is_key = self._in_string, self._escape, self._is_key
         other._key = bytearray(self._key)
         other.in_key, other.repeated_key = self.in_key, self.repeated_key
+        other.string_text = bytearray(self.string_text)
         return other
 
     def feed(self, data: bytes) -> None:
         for b in data:
             if self._in_string:
+                if len(self.string_text) < 256:
+                    self.string_text.append(b)
                 if self._escape:
                     self._escape = False
                 elif b == 0x5C:  # backslash
@@ -703,6 +822,7 @@ class _JsonPosition:
             elif b == 0x22:
                 self._in_string, self._is_key = True, self.in_key
                 self._key.clear()
+                self.string_text.clear()
             elif b == 0x7B:  # {
                 self._stack.append(set())
                 self.in_key = True
@@ -914,7 +1034,7 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
         return
     if status == "long" and limit <= cap:  # measure up to the tier's cap, to say what budget would do
         limit = cap + 1
-        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit)
+        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit, hints=compiled.hints)
         if status == "stuck" or status == "complete" and len(walked) <= max_new_tokens:
             return
     example = compiled.tokenizer.decode_str(list(walked[:48]))
