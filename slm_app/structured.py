@@ -405,7 +405,7 @@ class _VocabFacts:
     preferred: tuple[int, ...]
     eos: int
     safe: np.ndarray  # bool over the vocabulary: the token's bytes contain none of { [ , : \\
-    opens: np.ndarray  # the complement, for special tokens False (they never carry JSON)
+    opens: np.ndarray  # the complement (special tokens such as EOS carry no JSON: they open nothing)
     token_bytes: tuple[bytes, ...]
 
 
@@ -476,6 +476,8 @@ def _example(seq: Any) -> str:
             out.append(_in_example(av))
         elif op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
             lo, _hi, body = av
+            if lo > 256:  # a hint is a suggestion for a short string, not worth building a long one
+                raise _NoExample
             out.append(_example(body) * lo)
         elif op is sre_c.SUBPATTERN:
             out.append(_example(av[3]))
@@ -721,18 +723,25 @@ class JsonSchemaConstraint:
     def _closing_path(self, remaining: int) -> list[int] | None:
         """The shortest completion from here if it may matter now (else a stale one, or None)."""
         # The walk costs ~0.04 ms a token (GPT-2), a mask lookup more where it must fall back, so it
-        # runs only when it may matter: near the end (every step: its next token is needed), and far
-        # from it only within FAR tokens of slack, after tokens that open something (where the
-        # shortest completion can grow by more than a token) or every RECHECK_EVERY tokens. When the
-        # model takes the walk's own next token, the rest of the walk is still a shortest completion.
+        # runs only when it may matter: near the end (every step: its next token is needed); within
+        # 2*VERIFY tokens of slack after a token that opens something (where the shortest completion
+        # can grow by more than a token); within FAR every RECHECK_EVERY tokens. When the model takes
+        # the walk's own next token, the rest of the walk is still a shortest completion.
         if self._fresh:
             return self._path
-        due = self._stale or self._since >= RECHECK_EVERY or self._closing is None and not self._walked
         if self._closing is None:
             walk = not self._walked or self._since >= self._backoff
         else:
             slack = remaining - self._closing
-            walk = slack <= NEAR + TIGHT or (due and slack <= FAR)
+            walk = (slack <= NEAR + TIGHT or (self._stale and slack <= 2 * VERIFY)
+                    or (self._since >= RECHECK_EVERY and slack <= FAR))
+        if walk and self._path and self._closing is not None and not self._stale:
+            # The last walk's completion may still complete from here (text went on inside a string
+            # or a number): checking it costs no mask, a new walk may cost many.
+            m = self._matcher.deep_copy()
+            if m.consume_tokens(self._path) and m.is_accepting():
+                self._fresh, self._since = True, 0
+                return self._path
         if walk:
             self._walked = True
             self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
