@@ -1,19 +1,23 @@
 """How much of the real JSON Schema world the structured-output engine covers, and at what cost.
 
-    .venv/bin/python bench/structured_coverage.py [--backend tf|llama] [--limit N] [--max-tokens N]
-                                                  [--schemas DIR] [--model ID] [--attempts N] [--json OUT]
+    .venv/bin/python bench/structured_coverage.py [--tier free|standard|pro] [--backend fake|tensorflow|llama.cpp]
+        [--model ID] [--limit N] [--max-tokens N] [--schemas DIR] [--attempts N] [--json OUT]
 
-Runs ``slm_app.structured.generate_structured`` (the app's path: intake, compile ladder,
-constrained decode, jsonschema, retries) on each schema of ../shared/schemas/jsonschemabench-dev,
-with the tier's limits (tf: free tier, tiny-gpt2; llama: pro tier, default model or the embedded
-Gemma 3 270M). ``--limit`` takes schemas round-robin across subsets, so every subset is sampled.
+Runs each schema of ../shared/schemas/jsonschemabench-dev through the app's own path: a
+``GenerationService`` (tier limits, the scheduler, its slots and sampler) and
+``slm_app.structured.generate_structured`` on the service's runner (intake, compile ladder,
+budget-steered constrained decode, jsonschema, retries). The backend and model are the tier's unless
+``--backend``/``--model`` say otherwise (``--backend fake``: the scripted test model, which under a
+JSON constraint behaves like a random one). ``--limit`` takes schemas round-robin across subsets, so
+every subset is sampled.
 
-Per subset: how many schemas compile strictly / only relaxed / are refused (intake or compile);
-how many yield output that validates; how many are at least answered precisely (valid output or a
-refusal naming the reason); outputs reported valid that an independent plain-jsonschema check
-rejects (must be 0); compile ms (median, p95; first, uncached compile including failed rungs);
-and decode tokens/s after the first token with the constraint vs without it, same prompt, same
-token budget.
+Per subset: schemas compiled strictly / only relaxed / refused (intake, compile, or a smallest
+instance longer than the budget); how many yield output that validates; how many are at least
+answered precisely (valid output or a refusal naming the reason); truncated and invalid outputs;
+outputs reported valid that an independent plain-jsonschema check rejects (must be 0); compile ms
+(first, uncached compile: every rung tried plus the walk to the smallest instance; p50, p95); and
+decode tokens/s after the first token with the constraint vs without it, same prompt, same budget,
+interleaved schema by schema.
 """
 
 from __future__ import annotations
@@ -27,64 +31,73 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slm_app import structured  # noqa: E402
-from slm_app.backends.base import Backend, GeneratedSequence, SamplingParams  # noqa: E402
-from slm_app.settings import TIER_PROFILES, Settings, Tier  # noqa: E402
+from slm_app.backends.base import SamplingParams, TokenConstraint  # noqa: E402
+from slm_app.engine import PreparedPrompt  # noqa: E402
+from slm_app.scheduler import Completion  # noqa: E402
+from slm_app.service import GenerationService, _StructuredRunner  # noqa: E402
+from slm_app.settings import Settings  # noqa: E402
 
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[1] / ".." / "shared" / "schemas" / "jsonschemabench-dev"
 PROMPT = "Write one realistic example document for the schema below."
 
 
-class TimedBackend(Backend):
-    """Delegates to a real backend and adds up decode time and tokens after the first token.
+class TimedConstraint:
+    """Times the constraint's own work (mask, steering walks, consume) per decode step."""
+
+    def __init__(self, inner: TokenConstraint, clock: "TimedRunner"):
+        self.inner, self.clock = inner, clock
+
+    def allowed_tokens(self, remaining: int) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.inner.allowed_tokens(remaining)
+        finally:
+            self.clock.mask_s += time.perf_counter() - start
+            self.clock.steps += 1
+
+    def consume(self, token_id: int) -> None:
+        start = time.perf_counter()
+        self.inner.consume(token_id)
+        self.clock.mask_s += time.perf_counter() - start
+
+    def is_finished(self) -> bool:
+        return self.inner.is_finished()
+
+
+class TimedRunner:
+    """The service's structured runner, adding up decode time and tokens after each first token.
 
     Prefill is left out on purpose: constrained outputs usually end well before the budget while
     unconstrained ones run to it, so counting the fixed prompt cost would penalise the shorter run.
     """
 
-    def __init__(self, inner: Backend):
-        self.inner, self.name, self.model_id = inner, inner.name, inner.model_id
+    def __init__(self, inner: _StructuredRunner):
+        self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
         self.seconds, self.tokens = 0.0, 0
-
-    def decode(self, prompts: Sequence[str], params: SamplingParams, constraints=None,
-               cancel=None) -> Iterator[list[GeneratedSequence]]:
-        first, seqs = None, []
-        try:
-            for seqs in self.inner.decode(prompts, params, constraints=constraints, cancel=cancel):
-                first = first or time.perf_counter()
-                yield seqs
-        finally:
-            if first is not None:
-                self.seconds += time.perf_counter() - first
-                self.tokens += max(sum(s.completion_tokens for s in seqs) - len(seqs), 0)
-
-    def count_tokens(self, text: str) -> int:
-        return self.inner.count_tokens(text)
+        self.mask_s, self.steps = 0.0, 0
 
     def llguidance_tokenizer(self) -> Any:
         return self.inner.llguidance_tokenizer()
 
-    @property
-    def vocab_width(self) -> int:
-        return self.inner.vocab_width
+    def count_tokens(self, text: str) -> int:
+        return self.inner.count_tokens(text)
 
-    def info(self) -> dict[str, Any]:
-        return self.inner.info()
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
+        out = self.inner.generate(prompts, params, [TimedConstraint(c, self) for c in constraints])
+        for final in out:
+            self.add(final)
+        return out
 
-
-def load_backend(kind: str, model: str | None) -> tuple[Backend, Any]:
-    tier = Tier.free if kind == "tf" else Tier.pro
-    profile = TIER_PROFILES[tier]
-    settings = Settings(tier=tier, model=model)
-    if kind == "tf":
-        from slm_app.backends.tf_gpt2 import TFGPT2Backend as cls
-    else:
-        from slm_app.backends.llama_cpp_backend import LlamaCppBackend as cls
-    return cls.load(profile, settings, model or profile.model), profile.limits
+    def add(self, final: Completion) -> None:
+        if final.ttft_s is not None and final.completion_tokens > 1:
+            self.seconds += final.elapsed_s - final.ttft_s
+            self.tokens += final.completion_tokens - 1
 
 
 def pick_schemas(root: Path, limit: int | None) -> list[Path]:
@@ -103,45 +116,54 @@ def independent_check(raw: str, schema: dict) -> bool:
     return validator.is_valid(json.loads(raw))
 
 
-def run_one(backend: TimedBackend, path: Path, limits: Any, max_tokens: int, attempts: int) -> dict[str, Any]:
+def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tokens: int,
+            attempts: int, steer: bool = True) -> dict[str, Any]:
+    limits = service.limits
     case = json.loads(path.read_text())
     text = json.dumps(case["schema"])
-    row: dict[str, Any] = {"subset": path.parent.name, "schema": path.name}
+    row: dict[str, Any] = {"subset": path.parent.name, "schema": path.name, "chars": len(text)}
     try:
         schema = structured.parse_schema(text, limits)
     except structured.SchemaError as exc:
-        return {**row, "outcome": "refused", "reason": str(exc)}
+        return {**row, "outcome": "refused", "reason": f"intake: {exc}"}
     start = time.perf_counter()
     try:
-        compiled = structured.compile_schema(schema, backend.llguidance_tokenizer())
+        compiled = structured.compile_schema(schema, runner.llguidance_tokenizer(), budget=max_tokens)
     except structured.SchemaError as exc:
         compiled, row["reason"] = None, str(exc)
     row["compile_ms"] = 1000 * (time.perf_counter() - start)
     if compiled is None:
         return {**row, "outcome": "uncompilable"}
-    row["mode"] = compiled.mode
+    row.update(mode=compiled.mode, min_tokens=compiled.min_tokens)
 
-    backend.seconds = backend.tokens = 0
+    runner.seconds = runner.tokens = runner.steps = 0
+    runner.mask_s = 0.0
     try:
-        result = structured.generate_structured(backend, PROMPT, text, limits=limits, max_new_tokens=max_tokens,
-                                                temperature=0.7, seed=0, attempts=attempts)
+        result = structured.generate_structured(runner, PROMPT, text, limits=limits, max_new_tokens=max_tokens,
+                                                temperature=0.7, seed=0, attempts=attempts, steer=steer)
+    except structured.SchemaError as exc:  # the smallest instance does not fit the budget
+        return {**row, "outcome": "refused", "reason": str(exc)}
     except Exception as exc:  # a backend failure is a finding to report, not a reason to lose the run
         return {**row, "outcome": "error", "reason": f"{type(exc).__name__}: {exc}"}
-    row.update(constrained_s=backend.seconds, constrained_tokens=backend.tokens, tokens=result.tokens)
+    row.update(constrained_s=runner.seconds, constrained_tokens=runner.tokens, tokens=result.tokens,
+               mask_s=runner.mask_s, mask_steps=runner.steps)
     if result.success:
         row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema))
     else:
         row.update(outcome="truncated" if result.error.startswith("truncated") else "invalid", reason=result.error)
 
     # The same prompt the engine built, without the constraint, for the speed comparison.
-    backend.seconds = backend.tokens = 0
-    prompt = structured.build_prompt(backend, PROMPT, compiled.schema, limits)
-    backend.generate([prompt], SamplingParams(max_new_tokens=max_tokens, temperature=0.7, seed=0))
-    return {**row, "free_s": backend.seconds, "free_tokens": backend.tokens}
+    runner.seconds = runner.tokens = 0
+    prompt = structured.build_prompt(runner, PROMPT, compiled.schema, limits)
+    engine = service.ready()
+    prepared = PreparedPrompt(prompt, engine.tokenize(engine.format_prompt(prompt, True)))
+    runner.add(service.start("bench", prepared, SamplingParams(max_new_tokens=max_tokens, temperature=0.7,
+                                                                seed=0)).result())
+    return {**row, "free_s": runner.seconds, "free_tokens": runner.tokens}
 
 
 def pct(n: int, d: int) -> str:
-    return f"{100 * n / d:.0f}%" if d else "-"
+    return f"{100 * n / d:.1f}%" if d else "-"
 
 
 def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
@@ -155,42 +177,63 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
     refused = count["refused"] + count["uncompilable"]
     return [name, str(n), pct(modes["strict"], n), pct(n - modes["strict"] - modes[None], n), pct(refused, n),
             pct(count["valid"], n), pct(count["valid"] + refused, n), pct(count["truncated"], n),
-            pct(count["invalid"], n), str(sum(bool(r.get("false_valid")) for r in rows)),
+            pct(count["invalid"] + count["error"], n), str(sum(bool(r.get("false_valid")) for r in rows)),
             f"{statistics.median(ms):.1f}" if ms else "-",
             f"{statistics.quantiles(ms, n=20)[-1]:.1f}" if len(ms) > 1 else "-",
-            f"{c_tps:.0f}" if timed else "-", f"{f_tps:.0f}" if timed else "-"]
+            f"{c_tps:.0f}" if timed else "-", f"{f_tps:.0f}" if timed else "-",
+            f"{c_tps / f_tps:.2f}" if timed and f_tps else "-",
+            f"{1000 * sum(r['mask_s'] for r in timed) / max(sum(r['mask_steps'] for r in timed), 1):.2f}"
+            if timed else "-"]
 
 
 HEADER = ["subset", "schemas", "strict", "relaxed", "refused", "valid output", "valid or refused", "truncated",
           "invalid", "reported valid but invalid", "compile ms p50", "compile ms p95", "tok/s constrained",
-          "tok/s free"]
+          "tok/s free", "ratio", "constraint ms/step"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", choices=["tf", "llama"], default="tf")
+    ap.add_argument("--tier", choices=["free", "standard", "pro"], default="free")
+    ap.add_argument("--backend", choices=["fake", "tensorflow", "llama.cpp"], help="default: the tier's")
+    ap.add_argument("--model", help="model id, path or embedded:<name> (default: the tier's)")
     ap.add_argument("--limit", type=int, help="schemas to run (default: all)")
     ap.add_argument("--max-tokens", type=int, help="token budget per output (default: the tier's structured cap)")
     ap.add_argument("--schemas", type=Path, default=DEFAULT_SCHEMAS)
-    ap.add_argument("--model", help="model id or path (default: the tier's model)")
     ap.add_argument("--attempts", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write every row here")
+    ap.add_argument("--no-steer", action="store_true", help="budget steering off (what it adds, for comparison)")
     args = ap.parse_args()
 
-    inner, limits = load_backend(args.backend, args.model)
-    backend = TimedBackend(inner)
-    backend.llguidance_tokenizer()  # built once (~1 s) here, not inside the first schema's compile time
-    max_tokens = args.max_tokens or limits.max_structured_tokens
-    limits = limits.model_copy(update={"max_structured_tokens": max(max_tokens, limits.max_structured_tokens)})
+    overrides = {"max_structured_tokens": args.max_tokens} if args.max_tokens else {}
+    settings = Settings(tier=args.tier, backend=args.backend, model=args.model, parallel=1, **overrides)
+    service = GenerationService(settings)
+    service.load()
+    if service.status != "ok":
+        sys.exit(f"model not loaded: {service.load_error}")
+    runner = TimedRunner(_StructuredRunner(service, None))
+    runner.llguidance_tokenizer()  # built once (~1 s) here, not inside the first schema's compile time
+    max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)
-    print(f"{len(paths)} schemas, backend {args.backend} ({inner.model_id}), max {max_tokens} tokens, "
-          f"{args.attempts} attempts, schema limit {limits.max_schema_chars:,} chars / depth {limits.max_schema_depth}",
-          file=sys.stderr)
+    lim = service.limits
+    print(f"{len(paths)} schemas, steering {'off' if args.no_steer else 'on'}, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
+          f"max {max_tokens} tokens, {args.attempts} attempts, schema limit {lim.max_schema_chars:,} chars / "
+          f"depth {lim.max_schema_depth}", file=sys.stderr)
     rows = []
-    for i, path in enumerate(paths, 1):
-        rows.append(run_one(backend, path, limits, max_tokens, args.attempts))
-        print(f"[{i}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}", file=sys.stderr)
+    try:
+        for i, path in enumerate(paths, 1):
+            rows.append(run_one(service, runner, path, max_tokens, args.attempts, steer=not args.no_steer))
+            if args.json:  # as it goes: a long run that is stopped still leaves its rows
+                args.json.write_text(json.dumps(rows, indent=1))
+            print(f"[{i}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}", file=sys.stderr)
+    finally:
+        service.close()
 
+    print_report(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+def print_report(rows: list[dict[str, Any]]) -> None:
     by_subset: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row in rows:
         by_subset[row["subset"]].append(row)
@@ -198,12 +241,14 @@ def main() -> None:
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
     for line in table:
         print("| " + " | ".join(line) + " |")
+    big = [r["compile_ms"] for r in rows if "compile_ms" in r and r["chars"] >= 20_000]
+    if big:
+        print(f"\nschemas of 20k+ characters: {len(big)} compiled, compile ms p50 {statistics.median(big):.0f}, "
+              f"max {max(big):.0f}")
     reasons = collections.Counter(f"{r['outcome']}: {r['reason'][:110]}" for r in rows if "reason" in r
                                   and r["outcome"] != "truncated")
-    for reason, n in reasons.most_common():
+    for reason, n in reasons.most_common(25):
         print(f"- {n} × {reason}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

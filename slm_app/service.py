@@ -389,7 +389,8 @@ class GenerationService:
 
 
 class _StructuredRunner:
-    """What the structured-output engine needs from the model, through the service's run path."""
+    """What the structured-output engine needs from the model, through the service's run path
+    (``slm_app.structured.StructuredRunner``)."""
 
     def __init__(self, service: GenerationService, cancel: threading.Event | None):
         self._service, self._cancel = service, cancel

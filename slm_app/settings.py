@@ -38,7 +38,7 @@ class TierLimits(BaseModel):
     max_prompt_tokens: int = Field(ge=1)
     min_temperature: float = 0.0
     max_temperature: float = 2.0
-    max_schema_chars: int = 20_000
+    max_schema_chars: int = 500_000  # a memory guard only: compile cost is bounded by llguidance limits
     max_schema_depth: int = 24
 
 

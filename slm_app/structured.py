@@ -16,6 +16,7 @@ registry refuses to retrieve, so even a schema that skipped intake cannot reach 
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import threading
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 # jsonschema checks "pattern" with Python's re, so Python's own regex parser decides what is valid.
 from re import _constants as sre_c, _parser as sre_parse
-from typing import Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, Sequence, TypeVar
 
 import jsonschema
 import llguidance
@@ -37,12 +38,16 @@ from jsonschema.validators import Draft202012Validator, validator_for
 from pydantic import BaseModel
 from referencing import Registry
 
-from slm_app.backends.base import Backend, SamplingParams
+from slm_app.backends.base import SamplingParams, TokenConstraint
 from slm_app.settings import TierLimits
+
+if TYPE_CHECKING:
+    from slm_app.scheduler import Completion
 
 __all__ = [
     "CompiledSchema", "JsonSchemaConstraint", "SchemaError", "StructuredOutputError", "StructuredResult",
-    "build_prompt", "compile_schema", "generate_model", "generate_structured", "parse_schema", "validate_output",
+    "StructuredRunner", "build_prompt", "check_fits", "compile_schema", "generate_model", "generate_structured",
+    "parse_schema", "shortest_completion", "validate_output",
 ]
 
 
@@ -233,9 +238,16 @@ _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator"
 # Strict first; then oneOf read as anyOf (llguidance only proves the two equal in some cases);
 # then lenient, which ignores keywords it does not implement. The validator still judges the output.
 _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenient", {"lenient": True}))
+# Compile cost is bounded by llguidance's own budgets, not by the schema's length: a 200k-character
+# Kubernetes schema compiles in well under a second, while a small schema with a pathological regex
+# would not. Grammar symbols and regex fuel are llguidance's defaults (500k symbols; 1M fuel, ~20 ms);
+# lexer states, ~1-2 kB each, are capped at 50k (~100 MB) instead of 250k (~500 MB): a schema that
+# needs more is refused with llguidance's reason. Each mask step keeps its default fuel (~15 ms).
 # verbose_errors off: error messages go to users and must not dump grammar internals.
-_PARSER_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
+_PARSER_LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, initial_lexer_fuel=1_000_000,
+                                           max_lexer_states=50_000, verbose_errors=False)
 _CACHE_SIZE = 64
+MAX_SHORTEST = 1_024  # without a budget, how far the walk to the smallest instance goes
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,12 +261,27 @@ class CompiledSchema:
     compile_ms: float  # all rungs tried, not only the one that worked
     tokenizer: llguidance.LLTokenizer
     _matcher: llguidance.LLMatcher = field(repr=False)
+    # The walk from the start (``walk_to_completion``): the smallest instance's tokens as far as the
+    # greedy walk finds it, when ``shortest_status`` is "complete"; "long": it needs more than the
+    # budget compiled for; "stuck": unknown.
+    shortest: tuple[int, ...] | None = None
+    shortest_status: str = "stuck"
+    walk_limit: int = 0
+    hints: tuple[bytes, ...] = ()  # _string_hints: string contents the walk tries first
+
+    @property
+    def min_tokens(self) -> int | None:
+        return len(self.shortest) if self.shortest_status == "complete" and self.shortest is not None else None
+
+    @property
+    def min_instance(self) -> str | None:
+        return None if self.shortest is None else self.tokenizer.decode_str(list(self.shortest))  # or its start
 
     def new_matcher(self) -> llguidance.LLMatcher:
         return self._matcher.deep_copy()
 
 
-_cache: OrderedDict[tuple[str, int], CompiledSchema] = OrderedDict()
+_cache: OrderedDict[tuple[str, int, int | None], CompiledSchema] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -312,7 +339,8 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
     grammar_schema = schema if budget is None else bound_for_budget(schema, budget)
     # Key order stays: it is the output's property order. The entry keeps the tokenizer alive,
     # so its id() cannot be reused by another tokenizer while the entry exists.
-    key = (json.dumps(grammar_schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer))
+    # The budget is in the key too: it bounds the walk to the smallest instance.
+    key = (json.dumps(grammar_schema, separators=(",", ":"), ensure_ascii=False), id(tokenizer), budget)
     with _cache_lock:
         if (hit := _cache.get(key)) is not None:
             _cache.move_to_end(key)
@@ -326,9 +354,14 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         if matcher.is_error():
             errors.append(matcher.get_error())
             continue
+        # Past the budget the walk's exact length no longer matters: the schema cannot fit.
+        limit = (budget or MAX_SHORTEST) + 1
+        hints = _string_hints(schema)
+        shortest, status = walk_to_completion(matcher, tokenizer, limit, hints=hints)
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
-                                  tokenizer=tokenizer, _matcher=matcher)
+                                  tokenizer=tokenizer, _matcher=matcher, shortest=tuple(shortest),
+                                  shortest_status=status, walk_limit=limit, hints=hints)
         with _cache_lock:
             _cache[key] = compiled
             while len(_cache) > _CACHE_SIZE:
@@ -343,14 +376,270 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
 # ---------------------------------------------------------------------------------------------
 
 
+# Budget steering. A model (a random one especially, or one caught in a loop) can spend any budget
+# before the JSON closes. So every step the constraint knows a shortest way to close the value from
+# where it is (``shortest_completion``: a greedy walk over a copy of the matcher), and as the
+# remaining budget comes near its length it narrows the mask: first to tokens that open nothing
+# (no ``{ [ , :`` or escapes: the current string or number may go on, containers may close), then,
+# at the last moment, to the walk's next token only. Output then closes within budget whenever the
+# walk's completion fits, and the walk from the start measures the smallest instance, which is how
+# a schema that cannot fit is refused up front.
+NEAR = 8  # slack (tokens to spare beyond the shortest completion) at which the mask starts narrowing
+TIGHT = 2  # slack at which only the shortest completion's next token is allowed
+RECHECK_EVERY = 8  # far from the end, recompute the shortest completion at least this often
+VERIFY = 2 * NEAR  # slack at which a choice among a few tokens is checked token by token
+MAX_CHECKED = 16  # "a few"
+FREE_TEXT = 256  # more allowed tokens than this, near the end, is free text (a string's content)
+FAR = 64  # slack beyond which the walk is not rerun at all (one token rarely adds this much)
+# Tried in this order at each step of the walk, before falling back to the full mask: closers first,
+# then "," (allowed only where a required member or item must follow, or as string text), then the
+# shortest values ("1" before "0": years, exclusive minimums and dates refuse 0 more often).
+_WALK_PREFERENCE = ('"', "}", "]", ",", "1", "0", '""', "[]", "{}", "null", "false", "true", "[", "{", ":")
+_OPENERS = frozenset(b"{[,:\\")
+
+
+@dataclass(frozen=True, eq=False)
+class _VocabFacts:
+    """Per tokenizer: the walk's preferred tokens and which tokens open nothing."""
+
+    preferred: tuple[int, ...]
+    eos: int
+    safe: np.ndarray  # bool over the vocabulary: the token's bytes contain none of { [ , : \\
+    opens: np.ndarray  # the complement (special tokens such as EOS carry no JSON: they open nothing)
+    token_bytes: tuple[bytes, ...]
+
+
+_vocab_facts: dict[int, tuple[llguidance.LLTokenizer, _VocabFacts]] = {}
+
+
+def _facts(tokenizer: llguidance.LLTokenizer) -> _VocabFacts:
+    hit = _vocab_facts.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    preferred = []
+    for text in _WALK_PREFERENCE:
+        ids = tokenizer.tokenize_str(text)
+        if len(ids) == 1 and ids[0] not in preferred:
+            preferred.append(ids[0])
+    n = tokenizer.vocab_size
+    pieces = tuple(b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i]) for i in range(n))
+    opens = np.fromiter((not _OPENERS.isdisjoint(p) for p in pieces), dtype=np.bool_, count=n)
+    facts = _VocabFacts(tuple(preferred), tokenizer.eos_token, ~opens, opens, pieces)
+    with _cache_lock:
+        _vocab_facts[id(tokenizer)] = (tokenizer, facts)  # holds the tokenizer: its id stays unique
+    return facts
+
+
+def _allowed_ids(matcher: llguidance.LLMatcher, n: int) -> np.ndarray:
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
+    return np.flatnonzero(np.unpackbits(bits, count=n, bitorder="little"))
+
+
+# Strings the walk tries first when it opens a string value: a shortest match of each pattern in the
+# schema and an example of each format, so that it can close strings whose grammar a greedy choice
+# of characters would never satisfy (``^.*\\.md$``, ``[0-9]+-[0-9]+``, an email). The grammar decides
+# whether one fits where the walk is; these are only suggestions.
+_FORMAT_EXAMPLES = {
+    "date-time": "2000-01-01T00:00:00Z", "date": "2000-01-01", "time": "00:00:00Z", "duration": "P1D",
+    "email": "a@b.co", "idn-email": "a@b.co", "hostname": "a.co", "idn-hostname": "a.co", "ipv4": "1.1.1.1",
+    "ipv6": "::1", "uri": "a:b", "uri-reference": "a", "iri": "a:b", "iri-reference": "a", "uuid":
+    "00000000-0000-0000-0000-000000000000", "uri-template": "a", "json-pointer": "", "relative-json-pointer": "0",
+    "regex": "a",
+}
+_MAX_HINTS = 64
+_CATEGORY_CHARS = {sre_c.CATEGORY_DIGIT: "1", sre_c.CATEGORY_WORD: "a", sre_c.CATEGORY_SPACE: " ",
+                   sre_c.CATEGORY_NOT_DIGIT: "a", sre_c.CATEGORY_NOT_WORD: "-", sre_c.CATEGORY_NOT_SPACE: "a"}
+
+
+def shortest_match(regex: str) -> str | None:
+    """A short string ``regex`` matches (searched, as JSON Schema's "pattern" is), or None if this
+    simple construction cannot tell (lookarounds, backreferences...)."""
+    try:
+        text = _example(sre_parse.parse(regex))
+    except (re.error, RecursionError, _NoExample):
+        return None
+    return text if text is not None and re.search(regex, text) else None
+
+
+class _NoExample(Exception):
+    pass
+
+
+def _example(seq: Any) -> str:
+    out = []
+    for op, av in seq:
+        if op is sre_c.LITERAL:
+            out.append(chr(av))
+        elif op is sre_c.ANY:
+            out.append("a")
+        elif op is sre_c.IN:
+            out.append(_in_example(av))
+        elif op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
+            lo, _hi, body = av
+            if lo > 256:  # a hint is a suggestion for a short string, not worth building a long one
+                raise _NoExample
+            out.append(_example(body) * lo)
+        elif op is sre_c.SUBPATTERN:
+            out.append(_example(av[3]))
+        elif op is sre_c.ATOMIC_GROUP:
+            out.append(_example(av))
+        elif op is sre_c.BRANCH:
+            out.append(min((_example(alt) for alt in av[1]), key=len))
+        elif op is sre_c.AT:
+            continue
+        else:  # lookarounds, backreferences, NOT_LITERAL...: not worth the complexity
+            raise _NoExample
+    return "".join(out)
+
+
+def _in_example(items: Any) -> str:
+    if items and items[0][0] is sre_c.NEGATE:
+        excluded = "".join(_in_example([item]) for item in items[1:] if item[0] is not sre_c.NEGATE)
+        return next(c for c in "a1-_ " if c not in excluded)
+    for op, av in items:
+        if op is sre_c.LITERAL:
+            return chr(av)
+        if op is sre_c.RANGE:
+            lo, hi = av
+            return chr(max(lo, min(hi, ord("a")))) if lo <= ord("a") <= hi else chr(lo)
+        if op is sre_c.CATEGORY and av in _CATEGORY_CHARS:
+            return _CATEGORY_CHARS[av]
+    raise _NoExample
+
+
+def _string_hints(schema: dict) -> tuple[bytes, ...]:
+    """The schema's pattern and format examples as JSON string contents with the closing quote."""
+    texts: list[str] = []
+    for _path, node in _subschemas(schema):
+        if isinstance(node.get("pattern"), str):
+            texts.append(shortest_match(node["pattern"]) or "")
+        if isinstance(node.get("format"), str):
+            texts.append(_FORMAT_EXAMPLES.get(node["format"], ""))
+        if isinstance(node.get("patternProperties"), dict):
+            texts.extend(shortest_match(r) or "" for r in node["patternProperties"])
+    seen: dict[str, None] = dict.fromkeys(t for t in texts if t)
+    return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in list(seen)[:_MAX_HINTS])
+
+
+# Full-mask look-ups one walk may make (up to a few ms each on big grammars): bounds its cost. While
+# decoding, a walk that failed is retried only after 2, 4, 8... more tokens.
+MAX_WALK_MASKS = 48
+DECODE_WALK_MASKS = 12
+
+
+def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
+                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
+                        hints: Sequence[bytes] = ()) -> list[int] | None:
+    """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
+    walk finds none within ``limit`` tokens. See ``walk_to_completion``."""
+    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks, hints)
+    return path if status == "complete" else None
+
+
+def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
+                       position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
+                       hints: Sequence[bytes] = ()) -> tuple[list[int], str]:
+    """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
+
+    Status "complete": ``tokens`` complete the value. "long": the walk reached ``limit`` tokens
+    outside any string (the structure itself needs more). "stuck": it found no way on (a string
+    whose pattern it could not satisfy, or too many look-ups).
+
+    Each step takes the forced tokens if there are any, else the first preferred token the grammar
+    allows (close the string, the array, the object; else the shortest value), else the lowest
+    allowed token id. Optional members and items are never opened (closing is preferred wherever it
+    is allowed) and required ones get minimal values. Greedy, so an upper bound on the shortest:
+    exact on most schemas, longer where choosing a branch early would have paid off later.
+    ``position`` is where the text so far stands (None: at the start). ``hints``: whole string
+    contents (closing quote included, ``_string_hints``) tried first inside a string value whose
+    text so far begins one of them (the grammar may have forced a prefix).
+    """
+    facts = _facts(tokenizer)
+    m = matcher.deep_copy()
+    path: list[int] = []
+    # Inside a string with a format or pattern, a preferred token may be allowed as text forever
+    # ("}}}}" in an email's local part): within one string a token already chosen twice is passed
+    # over, so the walk tries other characters until one moves the string toward its end.
+    recent: collections.Counter[int] = collections.Counter()
+    pos = _JsonPosition() if position is None else position.copy()
+    masks, tried_hints = 0, False
+    while not m.is_accepting():
+        if m.is_stopped():
+            return path, "stuck"
+        if len(path) >= limit:  # looping in a string (it repeats itself) or simply long
+            return path, "stuck" if pos.in_string and any(n >= 2 for n in recent.values()) else "long"
+        forced = m.compute_ff_tokens()
+        if forced:
+            if not m.consume_tokens(forced):
+                return path, "stuck"
+            path.extend(forced)
+            for t in forced:
+                pos.feed(facts.token_bytes[t])
+            recent.clear()
+            continue
+        if hints and pos.in_string and not pos.in_key and not tried_hints:
+            tried_hints = True  # once per string: a hint that does not fit now will not later
+            hint = _first_fitting(m, tokenizer, hints, bytes(pos.string_text))
+            if hint is not None:
+                path.extend(hint)
+                for t in hint:
+                    pos.feed(facts.token_bytes[t])
+                recent.clear()
+                continue
+        if not pos.in_string:
+            tried_hints = False
+        token = next((t for t in facts.preferred if recent[t] < 2 and not _repeats_key(pos, facts, t)
+                      and m.try_consume_tokens([t]) == 1), None)
+        if token is None:
+            masks += 1
+            allowed = _allowed_ids(m, tokenizer.vocab_size) if masks <= max_masks else []
+            allowed = [int(t) for t in allowed if t != facts.eos and not _repeats_key(pos, facts, t)]
+            if not allowed:
+                return path, "stuck"
+            token = next((t for t in allowed if t not in recent), allowed[0])
+            if not m.consume_token(token):
+                return path, "stuck"
+        path.append(token)
+        pos.feed(facts.token_bytes[token])
+        if pos.in_string:
+            recent[token] += 1
+        else:
+            recent.clear()
+    return path, "complete"
+
+
+def _first_fitting(m: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, hints: Sequence[bytes],
+                   written: bytes) -> list[int] | None:
+    """Consume the rest of the first hint that begins with ``written`` and that the grammar takes whole."""
+    for text in hints:
+        if not text.startswith(written) or len(text) == len(written):
+            continue
+        hint = tokenizer.tokenize_bytes(text[len(written):])
+        n = m.try_consume_tokens(hint)
+        if n == len(hint) and not m.is_error():
+            return hint
+        if n:
+            m.rollback(n)
+    return None
+
+
+def _repeats_key(pos: "_JsonPosition", facts: _VocabFacts, token: int) -> bool:
+    if not pos.in_key or pos.repeated_key:
+        return False
+    after = pos.copy()
+    after.feed(facts.token_bytes[token])
+    return after.repeated_key
+
+
 class JsonSchemaConstraint:
-    """``TokenConstraint`` over an llguidance matcher: which tokens keep the JSON on the schema.
+    """``TokenConstraint`` over an llguidance matcher: which tokens keep the JSON on the schema and,
+    given the remaining budget, closable in time.
 
     The end-of-text token is in the mask only once the JSON is complete (llguidance's rule), and
     ``is_finished`` turns true as soon as nothing more can follow, so the backend stops there.
     """
 
-    def __init__(self, compiled: CompiledSchema, vocab_width: int):
+    def __init__(self, compiled: CompiledSchema, vocab_width: int, steer: bool = True):
         self.compiled = compiled
         self.vocab_width = vocab_width
         self._matcher = compiled.new_matcher()
@@ -359,15 +648,127 @@ class JsonSchemaConstraint:
         # bit i % 8 of byte 4*j + i // 8, so a uint8 view unpacks in token order with no copy.
         self._bits = llguidance.numpy.allocate_token_bitmask(1, compiled.tokenizer.vocab_size)
         self._bytes = self._bits.view(np.uint8)
+        self._facts = _facts(compiled.tokenizer) if steer else None
+        self._safe = None if self._facts is None else self._widen(self._facts.safe)
+        self._path: list[int] | None = None  # a shortest completion, from the current state if _fresh
+        self._closing: int | None = None  # its length when last computed (None: none found)
+        self._fresh = False
+        self._walked = False
+        self._backoff = 0  # tokens to wait before walking again after a walk that found nothing
+        self._stale = False  # a token that opens something came since the last walk
+        self._since = 0  # tokens consumed since the last walk
+        self._json = _JsonPosition()
+        if compiled.min_tokens is not None:  # the compile-time walk starts from the same state
+            self._path, self._closing, self._fresh, self._walked = list(compiled.shortest), compiled.min_tokens, True, True
+        self.steered = 0  # steps at which the budget narrowed the mask (for tests and benchmarks)
+        self.overrun = False  # the shortest completion outgrew the budget: this output may be cut short
+
+    def _widen(self, mask: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.vocab_width, dtype=np.bool_)
+        n = min(self.vocab_width, mask.size)
+        out[:n] = mask[:n]
+        return out
 
     def allowed_tokens(self, remaining: int | None = None) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(self._matcher, self._bits)
         # count= cuts a vocabulary wider than the logits, and pads with False (zero bits) when the
         # logits are wider than the vocabulary (models pad their embedding to a multiple of 64...).
-        return np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
+        allowed = np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
+        if remaining is None or self._facts is None or self._matcher.is_stopped():
+            return allowed
+        path = self._closing_path(remaining)
+        if path is None:  # no completion found (or none within the budget): nothing to steer to
+            return allowed
+        slack = remaining - len(path)
+        if slack > VERIFY or not path:
+            return allowed
+        if slack > NEAR:
+            # A choice among few tokens (an enum value, an anyOf branch, close or go on) can commit
+            # to a much longer completion in one token: those few are checked one by one.
+            few = np.flatnonzero(allowed)
+            if few.size <= MAX_CHECKED:
+                self._keep_fitting(allowed, few, remaining)
+            return allowed
+        self.steered += 1
+        if slack <= TIGHT or self._json.in_key:
+            # Only the shortest completion's next token: a key's name decides which value follows,
+            # so near the end the walk picks it, not the model.
+            allowed[:] = False
+        else:
+            allowed &= self._safe
+            few = np.flatnonzero(allowed)
+            if few.size <= MAX_CHECKED:
+                self._keep_fitting(allowed, few, remaining)
+            elif few.size <= FREE_TEXT:  # neither a few checkable choices nor free text: play safe
+                allowed[:] = False
+        if path[0] < self.vocab_width:
+            allowed[path[0]] = True
+        return allowed
+
+    def _keep_fitting(self, allowed: np.ndarray, candidates: np.ndarray, remaining: int) -> None:
+        """Clear the candidates after which no completion fits in what is left of the budget."""
+        facts = self._facts
+        for token in candidates.tolist():
+            if token == facts.eos:
+                continue
+            m = self._matcher.deep_copy()
+            position = self._json.copy()
+            position.feed(facts.token_bytes[token])
+            if not m.consume_token(token) or (
+                    not m.is_accepting()
+                    and shortest_completion(m, self.compiled.tokenizer, limit=remaining - 1, position=position,
+                                            max_masks=DECODE_WALK_MASKS, hints=self.compiled.hints) is None):
+                allowed[token] = False
+
+    def _closing_path(self, remaining: int) -> list[int] | None:
+        """The shortest completion from here if it may matter now (else a stale one, or None)."""
+        # The walk costs ~0.04 ms a token (GPT-2), a mask lookup more where it must fall back, so it
+        # runs only when it may matter: near the end (every step: its next token is needed); within
+        # 2*VERIFY tokens of slack after a token that opens something (where the shortest completion
+        # can grow by more than a token); within FAR every RECHECK_EVERY tokens. When the model takes
+        # the walk's own next token, the rest of the walk is still a shortest completion.
+        if self._fresh:
+            return self._path
+        if self._closing is None:
+            walk = not self._walked or self._since >= self._backoff
+        else:
+            slack = remaining - self._closing
+            walk = (slack <= NEAR + TIGHT or (self._stale and slack <= 2 * VERIFY)
+                    or (self._since >= RECHECK_EVERY and slack <= FAR))
+        if walk and self._path and self._closing is not None and not self._stale:
+            # The last walk's completion may still complete from here (text went on inside a string
+            # or a number): checking it costs no mask, a new walk may cost many.
+            m = self._matcher.deep_copy()
+            if m.consume_tokens(self._path) and m.is_accepting():
+                self._fresh, self._since = True, 0
+                return self._path
+        if walk:
+            self._walked = True
+            self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
+                                             position=self._json, max_masks=DECODE_WALK_MASKS,
+                                             hints=self.compiled.hints)
+            if self._path is None:
+                self.overrun = True  # no completion found within the budget: the output may be cut short
+                self._backoff = 2 * self._backoff or 2
+            else:
+                self._backoff = 0
+            self._closing = None if self._path is None else len(self._path)
+            self._fresh, self._stale, self._since = self._path is not None, False, 0
+        return self._path
 
     def consume(self, token_id: int) -> None:
-        self._matcher.consume_token(int(token_id))  # on a disallowed token the matcher enters its error state
+        token_id = int(token_id)
+        self._matcher.consume_token(token_id)  # on a disallowed token the matcher enters its error state
+        if self._facts is None or not 0 <= token_id < len(self._facts.token_bytes):
+            return
+        self._json.feed(self._facts.token_bytes[token_id])
+        if self._fresh and self._path and self._path[0] == token_id:
+            self._path = self._path[1:]
+            self._closing = len(self._path)
+            return
+        self._fresh = False
+        self._since += 1
+        self._stale |= bool(self._facts.opens[token_id])
 
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()  # also true in the error state: stop wasting tokens
@@ -381,6 +782,70 @@ class JsonSchemaConstraint:
         if not self._matcher.is_error():
             return None
         return self._matcher.get_error() or "the matcher is in its error state"
+
+
+class _JsonPosition:
+    """Where in the JSON text the output is, as far as steering needs: inside an object's key, inside
+    a string, and which keys the open objects already have (the walk must not repeat one: llguidance
+    allows a repeated key in an open map, the validator does not)."""
+
+    def __init__(self) -> None:
+        self._stack: list[set[bytes] | None] = []  # per open container: an object's keys, None for an array
+        self._in_string = self._escape = self._is_key = False
+        self._key = bytearray()
+        self.in_key = False  # after "{" or "," in an object, up to the ":" (the key decides the value)
+        self.repeated_key = False  # a key was written twice in one object
+        self.string_text = bytearray()  # the open string's text so far (first 256 bytes)
+
+    @property
+    def in_string(self) -> bool:
+        return self._in_string
+
+    def copy(self) -> "_JsonPosition":
+        other = _JsonPosition()
+        other._stack = [None if keys is None else set(keys) for keys in self._stack]
+        other._in_string, other._escape, other._is_key = self._in_string, self._escape, self._is_key
+        other._key = bytearray(self._key)
+        other.in_key, other.repeated_key = self.in_key, self.repeated_key
+        other.string_text = bytearray(self.string_text)
+        return other
+
+    def feed(self, data: bytes) -> None:
+        for b in data:
+            if self._in_string:
+                if len(self.string_text) < 256:
+                    self.string_text.append(b)
+                if self._escape:
+                    self._escape = False
+                elif b == 0x5C:  # backslash
+                    self._escape = True
+                elif b == 0x22:
+                    self._in_string = False
+                    if self._is_key and self._stack and self._stack[-1] is not None:
+                        key = bytes(self._key)
+                        self.repeated_key |= key in self._stack[-1]
+                        self._stack[-1].add(key)
+                    continue
+                if self._is_key:
+                    self._key.append(b)
+            elif b == 0x22:
+                self._in_string, self._is_key = True, self.in_key
+                self._key.clear()
+                self.string_text.clear()
+            elif b == 0x7B:  # {
+                self._stack.append(set())
+                self.in_key = True
+            elif b == 0x5B:  # [
+                self._stack.append(None)
+                self.in_key = False
+            elif b in (0x7D, 0x5D):  # } ]
+                if self._stack:
+                    self._stack.pop()
+                self.in_key = False
+            elif b == 0x2C:  # ,
+                self.in_key = bool(self._stack) and self._stack[-1] is not None
+            elif b == 0x3A:  # :
+                self.in_key = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +984,24 @@ class StructuredOutputError(RuntimeError):
         self.result = result
 
 
-def build_prompt(backend: Backend, prompt: str, schema: dict, limits: TierLimits) -> str:
+class StructuredRunner(Protocol):
+    """What structured output needs from the model: the service's run path (``GenerationService``'s
+    ``_StructuredRunner``), or any engine wrapped the same way (tests, benchmarks)."""
+
+    model_id: str
+    vocab_width: int  # logits width: the mask width
+
+    def llguidance_tokenizer(self) -> llguidance.LLTokenizer: ...
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` as the model will see it (the prompt budget counts these)."""
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
+        """One constrained generation per prompt, run to the end; failures raise."""
+
+
+def build_prompt(runner: StructuredRunner, prompt: str, schema: dict, limits: TierLimits) -> str:
     """The user's prompt plus the instruction and the schema, within ``max_prompt_tokens`` if possible.
 
     The schema is shown so the model knows the task; the grammar enforces it regardless, so a
@@ -527,7 +1009,7 @@ def build_prompt(backend: Backend, prompt: str, schema: dict, limits: TierLimits
     """
     for shown in (schema, _without_annotations(schema)):
         text = _PROMPT.format(prompt=prompt, schema=json.dumps(shown, separators=(",", ":"), ensure_ascii=False))
-        if backend.count_tokens(text) <= limits.max_prompt_tokens:
+        if runner.count_tokens(text) <= limits.max_prompt_tokens:
             return text
     return _PROMPT_NO_SCHEMA.format(prompt=prompt)
 
@@ -550,14 +1032,43 @@ def _without_annotations(node: Any) -> Any:
     return out
 
 
-def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limits: TierLimits,
+def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
+    """Refuse, with the reason, a schema whose smallest instance takes more than the budget.
+
+    The walk is greedy, so its length is an upper bound; a walk that found nothing ("stuck":
+    a pattern it cannot satisfy) refuses nothing: the model may still do better.
+    """
+    status, walked, limit = compiled.shortest_status, compiled.shortest or (), compiled.walk_limit
+    if status == "complete" and len(walked) <= max_new_tokens or status == "stuck":
+        return
+    if status == "long" and limit <= cap:  # measure up to the tier's cap, to say what budget would do
+        limit = cap + 1
+        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit, hints=compiled.hints)
+        if status == "stuck" or status == "complete" and len(walked) <= max_new_tokens:
+            return
+    example = compiled.tokenizer.decode_str(list(walked[:48]))
+    example = example if len(walked) <= 48 else example + "..."
+    need = f"{len(walked)} tokens" if status == "complete" else f"more than {limit - 1} tokens"
+    least = len(walked) if status == "complete" else None
+    how = (f"raise max_new_tokens to at least {least}" if least is not None and least <= cap else
+           f"this tier allows at most {cap} tokens for structured output, so simplify the schema "
+           f"(fewer required members, shorter minimums)" if least is not None else
+           "simplify the schema (fewer required members, shorter minimums) or raise max_new_tokens")
+    raise SchemaError(f"the smallest JSON this schema allows takes {need} of this model "
+                      f"({example}), more than the budget of {max_new_tokens}: {how}")
+
+
+def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str, *, limits: TierLimits,
                         max_new_tokens: int, temperature: float, seed: int | None,
-                        attempts: int = 3) -> StructuredResult:
+                        attempts: int = 3, steer: bool = True) -> StructuredResult:
     """Constrained generation of JSON valid against ``schema_text``; success only if jsonschema agrees.
 
     Raises ``ValueError`` for a token budget outside 1..``limits.max_structured_tokens`` and
-    ``SchemaError`` for a refused schema. Invalid or truncated output is retried with the next
-    seed (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
+    ``SchemaError`` for a refused schema (one whose smallest instance cannot fit the budget too).
+    The constraint steers to a shortest completion as the budget runs out, so the JSON closes in
+    time; invalid output (possible where the grammar is relaxed) is retried with the next seed
+    (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
+    ``steer=False`` turns budget steering and the up-front fit check off (for comparison only).
     """
     cap = limits.max_structured_tokens
     if not 1 <= max_new_tokens <= cap:
@@ -565,16 +1076,18 @@ def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limi
                          f"output); got {max_new_tokens}")
     start = time.perf_counter()
     schema = parse_schema(schema_text, limits)
-    compiled = compile_schema(schema, backend.llguidance_tokenizer(), budget=max_new_tokens)
-    full_prompt = build_prompt(backend, prompt, compiled.schema, limits)
+    compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
+    if steer:
+        check_fits(compiled, max_new_tokens, cap)
+    full_prompt = build_prompt(runner, prompt, compiled.schema, limits)
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, data, error = 0, "", None, "no attempt was made"
     for attempt in range(tries):
-        constraint = JsonSchemaConstraint(compiled, backend.vocab_width)
+        constraint = JsonSchemaConstraint(compiled, runner.vocab_width, steer=steer)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                 seed=None if seed is None else seed + attempt)
-        seq = backend.generate([full_prompt], params, constraints=[constraint])[0]
+        seq = runner.generate([full_prompt], params, [constraint])[0]
         tokens += seq.completion_tokens
         raw = seq.text
         if constraint.error:
@@ -588,20 +1101,20 @@ def generate_structured(backend: Backend, prompt: str, schema_text: str, *, limi
         if error is None:
             break
     return StructuredResult(success=error is None, data=data, error=error, relaxed=compiled.relaxed,
-                            model_used=backend.model_id, inference_time_ms=(time.perf_counter() - start) * 1000,
+                            model_used=runner.model_id, inference_time_ms=(time.perf_counter() - start) * 1000,
                             tokens=tokens, raw_text=raw)
 
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def generate_model(backend: Backend, prompt: str, model_cls: type[M], **kw: Any) -> M:
+def generate_model(runner: StructuredRunner, prompt: str, model_cls: type[M], **kw: Any) -> M:
     """``generate_structured`` for a pydantic model: its JSON Schema in, a validated instance out.
 
     ``kw`` are ``generate_structured``'s keyword arguments (limits, max_new_tokens, temperature, seed...).
     Raises ``StructuredOutputError`` when no valid output was produced.
     """
-    result = generate_structured(backend, prompt, json.dumps(model_cls.model_json_schema()), **kw)
+    result = generate_structured(runner, prompt, json.dumps(model_cls.model_json_schema()), **kw)
     if not result.success:
         raise StructuredOutputError(result)
     return model_cls.model_validate(result.data)

