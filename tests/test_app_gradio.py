@@ -147,10 +147,10 @@ def test_structured_bad_schema_and_remote_ref_are_refused(client: Client) -> Non
         client.predict("x", json.dumps(remote), 32, 0.7, 0, api_name="/structured")
 
 
-def test_structured_tiny_budget_reports_truncation(client: Client) -> None:
+def test_structured_budget_too_small_for_any_valid_json_is_refused_up_front(client: Client) -> None:
     schema = {"type": "object", "properties": {"essay": {"type": "string", "minLength": 50}}, "required": ["essay"]}
-    out = client.predict("Write", json.dumps(schema), 4, 0.7, 0, api_name="/structured")
-    assert out["success"] is False and out["data"] is None and "truncated at 4 tokens" in out["error"]
+    with pytest.raises(AppError, match="more than the budget of 4: raise max_new_tokens to at least"):
+        client.predict("Write", json.dumps(schema), 4, 0.7, 0, api_name="/structured")
 
 
 def test_standard_tier_without_weights_starts_and_says_why(tmp_path) -> None:

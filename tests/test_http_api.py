@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import httpx
 import pytest
@@ -136,9 +135,9 @@ def test_generation_runs_off_the_event_loop(app, http, monkeypatch):
     pending.start()
     try:
         assert started.wait(10)
-        t0 = time.perf_counter()
         assert http.get("/health").status_code == 200
-        assert time.perf_counter() - t0 < 2
+        # /health answered while the generate request was still held in its worker thread.
+        assert pending.is_alive() and not release.is_set()
     finally:
         release.set()
         pending.join(20)

