@@ -51,7 +51,7 @@ from httpx_sse import SSEError, aconnect_sse
 
 from slm_app.backends.base import BackendUnavailable, ModelInfo, SamplingParams, TokenConstraint
 from slm_app.engine import Engine, PreparedPrompt
-from slm_app.scheduler import Completion, Generation, QueueFull, SchedulerClosed
+from slm_app.scheduler import Completion, Generation, Publication, QueueFull, SchedulerClosed
 from slm_app.service import RETRY_AFTER_S, RequestError
 from slm_app.settings import Settings
 
@@ -132,9 +132,8 @@ def public_url(url: str) -> str:
 
 @dataclass(eq=False)
 class _Call:
-    """One request to the upstream. The publication fields (``cond``, ``version``, ``snapshot``,
-    ``async_waiters``) are the ones ``scheduler.Generation`` reads, so the same handle class serves
-    local and remote requests; ``RemoteEngine._cancel`` is what its ``cancel()`` calls."""
+    """One request to the upstream. It publishes through a ``scheduler.Publication``, so the same
+    ``Generation`` handle serves local and remote requests; ``RemoteEngine._cancel`` ends it."""
 
     path: str
     payload: dict[str, Any]
@@ -155,13 +154,10 @@ class _Call:
     failure: UpstreamFailure | None = None
     cancelled: bool = False
     task: asyncio.Task | None = None
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    # -1: nothing published yet, so a reader's first update is the first token or the failure (as
-    # ``Generation`` starts from "seen -1"). An HTTP surface then answers an upstream's refusal with
-    # its status instead of a 200 stream that carries the error.
-    version: int = -1
-    snapshot: Completion | None = None
-    async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    # Nothing published yet (version -1), so a reader's first update is the first token or the
+    # failure. An HTTP surface then answers an upstream's refusal with its status instead of a 200
+    # stream that carries the error.
+    pub: Publication = field(default_factory=lambda: Publication(version=-1))
 
     def completion(self) -> RemoteCompletion:
         now = time.perf_counter()
@@ -174,17 +170,7 @@ class _Call:
             retry_after=f.retry_after if f else None, format_rejected=bool(f and f.format_rejected))
 
     def publish(self) -> None:
-        snap = self.completion()
-        with self.cond:
-            self.snapshot = snap
-            self.version += 1
-            self.cond.notify_all()
-            waiters = list(self.async_waiters)
-        for loop, event in waiters:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that reader's event loop is closed: it is gone
-                pass
+        self.pub.publish(self.completion())
 
 
 # ---- the engine -------------------------------------------------------------------------------
@@ -436,7 +422,7 @@ class RemoteEngine(Engine):
         call = _Call(path, payload, len(prompt.ids), params, seed, constraint,
                      None if timeout_s is None else time.perf_counter() + timeout_s, on_done,
                      count_text=str(prompt.text) if exact_later else None)
-        call.snapshot = call.completion()
+        call.pub.snapshot = call.completion()
         with self._lock:
             if not self._admitting or self._closed:
                 raise SchedulerClosed("the server is shutting down and admits no new requests")
@@ -444,7 +430,7 @@ class RemoteEngine(Engine):
                 raise QueueFull(f"busy: {self.queue_size} requests are already waiting for the upstream")
             self._waiting.append(call)
         asyncio.run_coroutine_threadsafe(self._start(call), self._loop)
-        return Generation(self, call)  # type: ignore[arg-type]  # duck-typed: see _Call
+        return Generation(self._cancel, call, call.pub)
 
     def _payload(self, text: str, params: SamplingParams, seed: int, chat: bool,
                  constraint: ResponseFormat | None) -> tuple[str, dict[str, Any]]:
@@ -591,7 +577,7 @@ class RemoteEngine(Engine):
         call.publish()
         if call.on_done is not None:
             try:
-                call.on_done(call.snapshot)
+                call.on_done(call.pub.snapshot)
             except Exception:  # bookkeeping must not break serving
                 log.exception("on_done callback failed")
 

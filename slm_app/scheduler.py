@@ -70,6 +70,32 @@ _WAITING, _PREFILL, _DECODE, _DONE = "waiting", "prefill", "decode", "done"
 
 
 @dataclass(eq=False)
+class Publication:
+    """A request's latest snapshot and who waits for the next one (threads and event loops).
+
+    Shared by local jobs and a remote engine's calls, so one ``Generation`` handle serves both.
+    ``version`` -1 means nothing is published yet (a reader's first update is then the first real one).
+    """
+
+    version: int = 0
+    snapshot: Completion | None = None
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+
+    def publish(self, snap: Completion) -> None:
+        with self.cond:
+            self.snapshot = snap
+            self.version += 1
+            self.cond.notify_all()
+            waiters = list(self.async_waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that event loop is closed: its reader is gone
+                pass
+
+
+@dataclass(eq=False)
 class _Job:
     prompt_ids: list[int]
     params: SamplingParams
@@ -90,11 +116,7 @@ class _Job:
     finish_reason: str | None = None
     error: str | None = None
     cancelled: bool = False
-    # Publication to the caller.
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    version: int = 0
-    snapshot: Completion | None = None
-    async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list)
+    pub: Publication = field(default_factory=Publication)  # what the caller sees
 
     @property
     def reserved(self) -> int:
@@ -103,28 +125,28 @@ class _Job:
 
 
 class Generation:
-    """The caller's handle on one request."""
+    """The caller's handle on one request: ``cancel(job)`` ends it, ``pub`` is what it publishes."""
 
-    def __init__(self, scheduler: "Scheduler", job: _Job):
-        self._scheduler, self._job = scheduler, job
+    def __init__(self, cancel: Callable[[Any], None], job: Any, pub: Publication):
+        self._cancel_job, self._job, self._pub = cancel, job, pub
 
     def snapshot(self) -> Completion:
-        with self._job.cond:
-            return self._job.snapshot  # type: ignore[return-value]
+        with self._pub.cond:
+            return self._pub.snapshot  # type: ignore[return-value]
 
     def cancel(self) -> None:
         """End the request (waiting or running); its slot is freed before the next step."""
-        self._scheduler._cancel(self._job)
+        self._cancel_job(self._job)
 
     def updates(self, timeout: float | None = None) -> Iterator[Completion]:
         """Every new snapshot until the final one (blocking). Closing the iterator early cancels."""
-        job, seen, done = self._job, -1, False
+        pub, seen, done = self._pub, -1, False
         try:
             while True:
-                with job.cond:
-                    if not job.cond.wait_for(lambda: job.version != seen, timeout):
+                with pub.cond:
+                    if not pub.cond.wait_for(lambda: pub.version > seen, timeout):
                         raise TimeoutError("no progress from the scheduler")
-                    seen, snap = job.version, job.snapshot
+                    seen, snap = pub.version, pub.snapshot
                 yield snap
                 if snap.done:
                     done = True
@@ -141,17 +163,17 @@ class Generation:
 
     async def aupdates(self) -> AsyncIterator[Completion]:
         """``updates`` for asyncio: waits without a thread. Closing it early cancels the request."""
-        job, seen, done = self._job, -1, False
+        pub, seen, done = self._pub, -1, False
         loop = asyncio.get_running_loop()
         event = asyncio.Event()
-        with job.cond:
-            job.async_waiters.append((loop, event))
+        with pub.cond:
+            pub.async_waiters.append((loop, event))
         try:
             while True:
-                with job.cond:
-                    version, snap = job.version, job.snapshot
+                with pub.cond:
+                    version, snap = pub.version, pub.snapshot
                     event.clear()
-                if version != seen:
+                if version > seen:
                     seen = version
                     yield snap
                     if snap.done:
@@ -160,8 +182,8 @@ class Generation:
                     continue
                 await event.wait()
         finally:
-            with job.cond:
-                job.async_waiters.remove((loop, event))
+            with pub.cond:
+                pub.async_waiters.remove((loop, event))
             if not done:
                 self.cancel()
 
@@ -199,7 +221,7 @@ class Scheduler:
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         job = _Job(list(prompt_ids), params, constraint, seed,
                    None if timeout_s is None else time.perf_counter() + timeout_s, on_done)
-        job.snapshot = self._completion(job)
+        job.pub.snapshot = self._completion(job)
         with self._lock:
             if not self._admitting or self._closed:
                 raise SchedulerClosed("the server is shutting down and admits no new requests")
@@ -207,7 +229,7 @@ class Scheduler:
                 raise QueueFull(f"busy: {self.queue_size} requests are already waiting for a slot")
             self._waiting.append(job)
             self._lock.notify()
-        return Generation(self, job)
+        return Generation(self._cancel, job, job.pub)
 
     def call_exclusive(self, fn: Callable[[Backend], Any], timeout: float | None = None) -> Any:
         """Run ``fn(backend)`` on the scheduler's thread while no slot is busy (perplexity scoring).
@@ -433,7 +455,7 @@ class Scheduler:
         self._publish(job)
         if job.on_done is not None:
             try:
-                job.on_done(job.snapshot)
+                job.on_done(job.pub.snapshot)
             except Exception:  # bookkeeping must not break serving
                 log.exception("on_done callback failed")
 
@@ -449,17 +471,7 @@ class Scheduler:
             elapsed_s=now - job.submitted, error=job.error)
 
     def _publish(self, job: _Job) -> None:
-        snap = self._completion(job)
-        with job.cond:
-            job.snapshot = snap
-            job.version += 1
-            job.cond.notify_all()
-            waiters = list(job.async_waiters)
-        for loop, event in waiters:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that event loop is closed: its reader is gone
-                pass
+        job.pub.publish(self._completion(job))
 
 
 class _Future:

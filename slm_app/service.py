@@ -86,6 +86,11 @@ def split_prompts(prompts: str | Sequence[str]) -> list[str]:
     return [p for p in items if p.strip()]
 
 
+# A model without a chat template gets the conversation as a transcript, and this extra stop string so
+# a raw model does not go on to write the user's next turn.
+TRANSCRIPT_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
+TRANSCRIPT_STOP = "\nUser:"
+
 _OUTCOMES = {"stop": "ok", "length": "ok", "cancelled": "cancelled", "timeout": "timeout", "error": "error"}
 
 
@@ -194,6 +199,16 @@ class GenerationService:
             raise RequestError(f"{param} is {len(ids):,} tokens; the {tier} tier allows at most "
                                f"{lim.max_prompt_tokens:,}", status=413, param=param)
         return PreparedPrompt(text, ids)
+
+    def render_conversation(self, turns: list[dict[str, str]]) -> tuple[str, bool]:
+        """The prompt for a conversation (``[{role, content}]``, roles system/user/assistant) and whether
+        the model's chat template made it (else a ``System:/User:/Assistant:`` transcript that ends with
+        ``Assistant:``; callers add ``TRANSCRIPT_STOP``). Shared by the Chat tab and the OpenAI chat route."""
+        rendered = self.ready().render_chat(turns)
+        if rendered is not None:
+            return rendered, True
+        lines = [f"{TRANSCRIPT_LABELS[t['role']]}: {t['content']}" for t in turns]
+        return "\n".join(lines + ["Assistant:"]), False
 
     def check_prompts(self, prompts: str | Sequence[str], use_chat_template: bool = True) -> list[PreparedPrompt]:
         items = split_prompts(prompts)

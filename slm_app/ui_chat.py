@@ -22,11 +22,8 @@ import gradio as gr
 
 from slm_app.engine import PreparedPrompt
 from slm_app.feedback import THUMB_RATING, FeedbackStore, sampling_record, store_for
-from slm_app.service import GenerationService, RequestError
+from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
 
-# The transcript a model without a chat template gets (the same labels as the OpenAI chat route).
-_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
-TRANSCRIPT_STOP = "\nUser:"
 CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed")
 PRIVACY_NOTE = ("🔒 Nothing you type is stored. Only feedback you send (👍 / 👎, a rating, a correction) is "
                 "saved, with the conversation it is about, to improve the model.")
@@ -67,18 +64,12 @@ def conversation(system_prompt: str | None, history: Sequence[dict[str, Any]], m
     return turns
 
 
-def render_conversation(service: GenerationService, turns: list[dict[str, str]]) -> tuple[str, bool]:
-    """The prompt for these turns and whether the model's chat template made it."""
-    rendered = service.ready().render_chat(turns)
-    if rendered is not None:
-        return rendered, True
-    return "\n".join([f"{_LABELS[t['role']]}: {t['content']}" for t in turns] + ["Assistant:"]), False
 
 
 def fit_conversation(service: GenerationService, turns: list[dict[str, str]]) -> tuple[PreparedPrompt, bool]:
     """The prompt within the tier's limits, leaving out the oldest exchanges when it is too long."""
     while True:
-        text, templated = render_conversation(service, turns)
+        text, templated = service.render_conversation(turns)
         try:
             return service.check_prompt(text, templated=True, param="message"), templated
         except RequestError as exc:

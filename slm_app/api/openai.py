@@ -57,11 +57,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
-from slm_app.engine import Engine, PreparedPrompt
+from slm_app.engine import PreparedPrompt
 from slm_app.scheduler import Completion
 from slm_app.api.common import (api_router, error_responses, generation_steps, printable, prompt_list,
                                 public_error)
-from slm_app.service import GenerationService, RequestError
+from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
 
 class _Anything(PathConvertor):
     """Starlette's ``path`` without its blind spot: its ``.*`` does not match a newline, so an id holding
@@ -72,8 +72,7 @@ class _Anything(PathConvertor):
 
 register_url_convertor("anything", _Anything())
 
-_TRANSCRIPT_STOP = "\nUser:"
-_ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
+_ROLES = {"system", "developer", "user", "assistant"}
 # status -> OpenAI's error "type" and "code"
 _ERROR_KINDS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
                 404: ("invalid_request_error", "model_not_found"),
@@ -244,7 +243,7 @@ def _message_text(i: int, m: ChatMessage) -> str:
     return "".join(parts)
 
 
-def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> tuple[str, bool]:
+def chat_prompt(service: GenerationService, messages: list[ChatMessage]) -> tuple[str, bool]:
     """The prompt for these messages, and whether it is already in the model's chat format."""
     turns = []
     for i, m in enumerate(messages):
@@ -252,10 +251,7 @@ def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> tuple[str, bool]
             raise RequestError(f"messages[{i}].role {m.role!r} is not supported (use system, user or assistant)",
                                param=f"messages[{i}].role")
         turns.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)})
-    if (rendered := engine.render_chat(turns)) is not None:
-        return rendered, True
-    lines = [f"{_ROLES[t['role']]}: {t['content']}" for t in turns]
-    return "\n".join(lines + ["Assistant:"]), False
+    return service.render_conversation(turns)
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -454,10 +450,10 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
 
         def prepare() -> tuple[PreparedPrompt, SamplingParams]:
-            text, templated = chat_prompt(service.ready(), body.messages)
+            text, templated = chat_prompt(service, body.messages)
             stops = stops_of(body)
             if not templated and fmt == "text" and len(stops) < 4:
-                stops.append(_TRANSCRIPT_STOP)
+                stops.append(TRANSCRIPT_STOP)
             cap = lim.max_structured_tokens if fmt != "text" else lim.max_new_tokens
             params = sampling(body, max_tokens, cap, stops, not templated, cap=cap)
             # A prompt rendered with the chat template is counted as it is, not wrapped again.
