@@ -231,10 +231,10 @@ def test_cache_variables_are_updated_in_place(small: TFGPT2Backend) -> None:
     """XLA aliases every KV cache variable to its updated value, so a step writes only the new cells
     instead of copying the cache (a slot of GPT-2 124M is ~50 MB)."""
     graph = small._graph
-    rows = np.array([5, 6], np.int32), np.array([0, 1], np.int32), np.array([3, 4], np.int32), np.array([3, 4], np.int32)
+    rows = np.array([[5, 6], [0, 1], [3, 4], [3, 4]], np.int32)  # tokens, slots, positions, cells
     window = small.info().details["buckets"]["context_windows"][0]
-    graph.call("decode", *rows, window=window)
-    hlo = graph.optimized_hlo("decode", *rows, window=window)
+    graph.call("decode", rows, window=window)
+    hlo = graph.optimized_hlo("decode", rows, window=window)
     assert "input_output_alias=" in hlo, "no input/output aliasing in the decode step's HLO"
     aliases = hlo.split("input_output_alias=", 1)[1].split("entry_computation_layout", 1)[0]
     assert aliases.count("may-alias") == 2 * graph.n_layer  # keys and values of every layer
