@@ -691,7 +691,8 @@ class JsonSchemaConstraint:
             # to a much longer completion in one token: those few are checked one by one.
             few = np.flatnonzero(allowed)
             if few.size <= MAX_CHECKED:
-                self._keep_fitting(allowed, few, remaining)
+                # Each check is a walk: past a handful of candidates only those that open something.
+                self._keep_fitting(allowed, few if few.size <= 4 else few[self._facts.opens[few]], remaining)
                 if not allowed.any():  # none checked out (a walk too costly to finish): leave the choice
                     allowed[few] = True
             return allowed
