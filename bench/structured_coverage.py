@@ -15,7 +15,8 @@ Per subset: schemas compiled strictly / only relaxed / refused (intake, compile,
 instance longer than the budget); how many yield output that validates; how many are at least
 answered precisely (valid output or a refusal naming the reason); truncated and invalid outputs;
 outputs reported valid that an independent plain-jsonschema check rejects (must be 0); compile ms
-(first, uncached compile: every rung tried plus the walk to the smallest instance; p50, p95); and
+(first, uncached compile: every rung tried plus the walk to the smallest instance; p50, p95; the
+walk's own p50 beside); the constraint's own time per decode step (mask, steering, consume); and
 decode tokens/s after the first token with the constraint vs without it, same prompt, same budget,
 interleaved schema by schema.
 """
@@ -134,7 +135,8 @@ def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tok
     row["compile_ms"] = 1000 * (time.perf_counter() - start)
     if compiled is None:
         return {**row, "outcome": "uncompilable"}
-    row.update(mode=compiled.mode, min_tokens=compiled.min_tokens)
+    row.update(mode=compiled.mode, min_tokens=compiled.min_tokens, grammar_ms=compiled.compile_ms,
+               walk_ms=compiled.walk_ms)
 
     runner.seconds = runner.tokens = runner.steps = 0
     runner.mask_s = 0.0
@@ -171,6 +173,7 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
     count = collections.Counter(r["outcome"] for r in rows)
     modes = collections.Counter(r.get("mode") for r in rows)
     ms = [r["compile_ms"] for r in rows if "compile_ms" in r]
+    walk = [r["walk_ms"] for r in rows if "walk_ms" in r]
     timed = [r for r in rows if "free_s" in r]
     c_tps = sum(r["constrained_tokens"] for r in timed) / max(sum(r["constrained_s"] for r in timed), 1e-9)
     f_tps = sum(r["free_tokens"] for r in timed) / max(sum(r["free_s"] for r in timed), 1e-9)
@@ -180,6 +183,7 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
             pct(count["invalid"] + count["error"], n), str(sum(bool(r.get("false_valid")) for r in rows)),
             f"{statistics.median(ms):.1f}" if ms else "-",
             f"{statistics.quantiles(ms, n=20)[-1]:.1f}" if len(ms) > 1 else "-",
+            f"{statistics.median(walk):.1f}" if walk else "-",
             f"{c_tps:.0f}" if timed else "-", f"{f_tps:.0f}" if timed else "-",
             f"{c_tps / f_tps:.2f}" if timed and f_tps else "-",
             f"{1000 * sum(r['mask_s'] for r in timed) / max(sum(r['mask_steps'] for r in timed), 1):.2f}"
@@ -187,7 +191,8 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 HEADER = ["subset", "schemas", "strict", "relaxed", "refused", "valid output", "valid or refused", "truncated",
-          "invalid", "reported valid but invalid", "compile ms p50", "compile ms p95", "tok/s constrained",
+          "invalid", "reported valid but invalid", "compile ms p50", "compile ms p95", "of which walk ms p50",
+          "tok/s constrained",
           "tok/s free", "ratio", "constraint ms/step"]
 
 

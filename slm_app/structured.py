@@ -259,6 +259,7 @@ class CompiledSchema:
     mode: str  # "strict" | "oneOf as anyOf" | "lenient"
     warnings: tuple[str, ...]
     compile_ms: float  # all rungs tried, not only the one that worked
+    walk_ms: float  # the walk to the smallest instance (``walk_to_completion``), after compiling
     tokenizer: llguidance.LLTokenizer
     _matcher: llguidance.LLMatcher = field(repr=False)
     # The walk from the start (``walk_to_completion``): the smallest instance's tokens as far as the
@@ -357,10 +358,12 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         # Past the budget the walk's exact length no longer matters: the schema cannot fit.
         limit = (budget or MAX_SHORTEST) + 1
         hints = _string_hints(schema)
+        walk_start = time.perf_counter()
         shortest, status = walk_to_completion(matcher, tokenizer, limit, hints=hints)
+        walk_ms = (time.perf_counter() - walk_start) * 1000
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
-                                  tokenizer=tokenizer, _matcher=matcher, shortest=tuple(shortest),
+                                  walk_ms=walk_ms, tokenizer=tokenizer, _matcher=matcher, shortest=tuple(shortest),
                                   shortest_status=status, walk_limit=limit, hints=hints)
         with _cache_lock:
             _cache[key] = compiled
@@ -577,7 +580,8 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
                 pos.feed(facts.token_bytes[t])
             recent.clear()
             continue
-        if hints and pos.in_string and not pos.in_key and not tried_hints:
+        if (hints and pos.in_string and not pos.in_key and not tried_hints
+                and m.validate_tokens([facts.preferred[0]]) == 0):  # only where the string cannot end now
             tried_hints = True  # once per string: a hint that does not fit now will not later
             hint = _first_fitting(m, tokenizer, hints, bytes(pos.string_text))
             if hint is not None:
@@ -687,7 +691,10 @@ class JsonSchemaConstraint:
             # to a much longer completion in one token: those few are checked one by one.
             few = np.flatnonzero(allowed)
             if few.size <= MAX_CHECKED:
-                self._keep_fitting(allowed, few, remaining)
+                # Each check is a walk: past a handful of candidates only those that open something.
+                self._keep_fitting(allowed, few if few.size <= 4 else few[self._facts.opens[few]], remaining)
+                if not allowed.any():  # none checked out (a walk too costly to finish): leave the choice
+                    allowed[few] = True
             return allowed
         self.steered += 1
         if slack <= TIGHT or self._json.in_key:
