@@ -40,7 +40,7 @@ from slm_app import structured  # noqa: E402
 from slm_app.backends.base import SamplingParams, TokenConstraint  # noqa: E402
 from slm_app.engine import PreparedPrompt  # noqa: E402
 from slm_app.scheduler import Completion  # noqa: E402
-from slm_app.service import GenerationService, _StructuredRunner  # noqa: E402
+from slm_app.service import GenerationService, ServiceRunner  # noqa: E402
 from slm_app.settings import Settings  # noqa: E402
 
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[1] / ".." / "shared" / "schemas" / "jsonschemabench-dev"
@@ -77,7 +77,7 @@ class TimedRunner:
     unconstrained ones run to it, so counting the fixed prompt cost would penalise the shorter run.
     """
 
-    def __init__(self, inner: _StructuredRunner):
+    def __init__(self, inner: ServiceRunner):
         self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
         self.seconds, self.tokens = 0.0, 0
         self.mask_s, self.steps = 0.0, 0
@@ -215,7 +215,7 @@ def main() -> None:
     service.load()
     if service.status != "ok":
         sys.exit(f"model not loaded: {service.load_error}")
-    runner = TimedRunner(_StructuredRunner(service, None))
+    runner = TimedRunner(ServiceRunner(service, None))
     runner.llguidance_tokenizer()  # built once (~1 s) here, not inside the first schema's compile time
     max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)

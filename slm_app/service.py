@@ -354,7 +354,7 @@ class GenerationService:
                 api = remote.generate_structured_remote(self, engine, prompt, schema_text, params, cancel)
             else:
                 api = structured.generate_structured(
-                    _StructuredRunner(self, cancel), prompt, schema_text, limits=self.limits,
+                    ServiceRunner(self, cancel), prompt, schema_text, limits=self.limits,
                     max_new_tokens=params.max_new_tokens, temperature=params.temperature,
                     seed=params.seed).to_api()
         except structured.SchemaError as exc:
@@ -403,11 +403,11 @@ class GenerationService:
         }
 
 
-class _StructuredRunner:
+class ServiceRunner:
     """What the structured-output engine needs from the model, through the service's run path
-    (``slm_app.structured.StructuredRunner``)."""
+    (``slm_app.structured.StructuredRunner``); ``cancel`` set ends the running attempt."""
 
-    def __init__(self, service: GenerationService, cancel: threading.Event | None):
+    def __init__(self, service: GenerationService, cancel: threading.Event | None = None):
         self._service, self._cancel = service, cancel
         self._engine = service.ready()
         self.model_id = self._engine.info().model_id

@@ -158,6 +158,8 @@ class Settings(BaseSettings):
     use_mmap: bool = True
     use_mlock: bool = False
     chat_template: bool = True  # use the GGUF's chat template when it has one
+    # llama.cpp's flash attention: "auto" (llama-server's default) lets llama.cpp use it where it can.
+    flash_attn: Literal["auto", "on", "off"] = "auto"
 
     # Remote backend: an OpenAI-compatible server (llama-server, vLLM, TGI, Ollama...) does the work.
     remote_url: str | None = None  # base URL of its /v1, e.g. http://127.0.0.1:8080/v1
@@ -203,6 +205,7 @@ class EngineConfig(BaseModel):
     use_mmap: bool = True
     use_mlock: bool = False
     chat_template: bool = True
+    flash_attn: Literal["auto", "on", "off"] = "auto"
     fake_step_ms: float = 0.0
 
 
@@ -228,7 +231,7 @@ class ResolvedTier(BaseModel):
             max_new_tokens=max(lim.max_new_tokens, lim.max_structured_tokens),
             float16=self.profile.float16, xla=settings.xla, warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
-            use_mlock=settings.use_mlock, chat_template=settings.chat_template,
+            use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
             fake_step_ms=settings.fake_step_ms)
 
 

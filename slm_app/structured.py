@@ -993,7 +993,7 @@ class StructuredOutputError(RuntimeError):
 
 class StructuredRunner(Protocol):
     """What structured output needs from the model: the service's run path (``GenerationService``'s
-    ``_StructuredRunner``), or any engine wrapped the same way (tests, benchmarks)."""
+    ``ServiceRunner``), or any engine wrapped the same way (tests, benchmarks)."""
 
     model_id: str
     vocab_width: int  # logits width: the mask width

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from slm_app.backends.base import SamplingParams, TokenConstraint
 from slm_app.presets import PRESETS
 from slm_app.scheduler import Completion
-from slm_app.service import GenerationService, _StructuredRunner
+from slm_app.service import GenerationService, ServiceRunner
 from slm_app.settings import Settings, TierLimits
 from slm_app.structured import (
     JsonSchemaConstraint, SchemaError, build_prompt, compile_schema, generate_model,
@@ -367,7 +367,7 @@ def test_validate_output_accepts_valid_data() -> None:
 class RecordingRunner:
     """The service's structured runner, recording the seed of each attempt."""
 
-    def __init__(self, inner: _StructuredRunner):
+    def __init__(self, inner: ServiceRunner):
         self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
         self.seeds: list[int | None] = []
 
@@ -394,7 +394,7 @@ def fake_service(tmp_path_factory) -> Iterator[GenerationService]:
 
 @pytest.fixture()
 def backend(fake_service) -> RecordingRunner:
-    return RecordingRunner(_StructuredRunner(fake_service, None))
+    return RecordingRunner(ServiceRunner(fake_service, None))
 
 
 SMALL = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,

@@ -216,7 +216,9 @@ class LlamaCppBackend(Backend):
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.n_seq_max = config.n_slots
         cparams.kv_unified = True  # the slots share n_ctx cells instead of n_ctx / n_slots each
-        cparams.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as Llama(flash_attn=False), the bare baseline
+        # SLM_FLASH_ATTN: "auto" as llama-server does (llama.cpp enables it where the backend supports it).
+        cparams.flash_attn_type = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                                   "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED}[config.flash_attn]
         try:
             ctx = _internals.LlamaContext(model=model, params=cparams, verbose=False)
         except ValueError as exc:
