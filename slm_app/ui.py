@@ -17,6 +17,7 @@ import pandas as pd
 from slm_app import ui_chat, ui_evaluate
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
+from slm_app.ui_controls import sampling_controls
 
 _CONCURRENCY_ID = "model"  # generate, batch and structured: requests for the scheduler's slots
 
@@ -142,13 +143,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
         with gr.Tab("Generate"):
             g_prompt = gr.Textbox(label="Prompt", lines=4, placeholder="Once upon a time")
-            with gr.Row():
-                g_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_new_tokens})",
-                                     value=min(32, lim.max_new_tokens), precision=None)
-                g_temp = gr.Number(label=f"Temperature ({lim.min_temperature}–{lim.max_temperature}, 0 = greedy)",
-                                   value=0.8, precision=None)
-                g_top_p = gr.Number(label="Top-p (0–1]", value=0.95, precision=None)
-                g_seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None)
+            g_tokens, g_temp, g_top_p, g_seed = sampling_controls(lim, tokens=32, temperature=0.8)
             with gr.Accordion("Advanced", open=False):
                 with gr.Row():
                     g_top_k = gr.Number(label="Top-k (0 = off)", value=0, precision=None)

@@ -23,6 +23,7 @@ import gradio as gr
 from slm_app.engine import PreparedPrompt
 from slm_app.feedback import THUMB_RATING, FeedbackStore, sampling_record, store_for
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
+from slm_app.ui_controls import sampling_controls
 
 CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed")
 PRIVACY_NOTE = ("🔒 Nothing you type is stored. Only feedback you send (👍 / 👎, a rating, a correction) is "
@@ -158,13 +159,7 @@ def build_chat_tab(service: GenerationService) -> None:
                     + PRIVACY_NOTE)
         with gr.Accordion("System prompt and sampling", open=False):
             system = gr.Textbox(label="System prompt (optional)", lines=2, value="")
-            with gr.Row():
-                tokens = gr.Number(label=f"Max new tokens (1–{lim.max_new_tokens})",
-                                   value=min(64, lim.max_new_tokens), precision=None)
-                temp = gr.Number(label=f"Temperature ({lim.min_temperature}–{lim.max_temperature}, 0 = greedy)",
-                                 value=0.7, precision=None)
-                top_p = gr.Number(label="Top-p (0–1]", value=0.95, precision=None)
-                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None)
+            tokens, temp, top_p, seed = sampling_controls(lim, tokens=64, temperature=0.7)
         chatbot = gr.Chatbot(label="Conversation", height=380, feedback_options=("Like", "Dislike"))
 
         def chat(message: str, history: list[dict[str, Any]], system_prompt: str, max_new_tokens: float,

@@ -34,8 +34,10 @@ CACHE = Path(Settings().cache_dir).expanduser()  # where `python -m slm_app.prep
 def config(model: str, **kw) -> EngineConfig:
     # One thread: on a shared 2-core CI box two ggml threads collapse when a neighbour takes a core
     # (MODELS.md); one thread is ~25% slower when idle but never 10x slower.
+    # Flash attention off: these tests compare numbers with llama-cpp-python's own Llama, which runs
+    # without it (the app's default, "auto", is covered by the contract and app tests).
     base = dict(backend="llama.cpp", model=model, cache_dir=CACHE, n_slots=4, max_prompt_tokens=1024,
-                max_new_tokens=256, n_ctx=2048, n_threads=1)
+                max_new_tokens=256, n_ctx=2048, n_threads=1, flash_attn="off")
     return EngineConfig(**{**base, **kw})
 
 

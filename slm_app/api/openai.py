@@ -224,9 +224,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# One server-sent event, as OpenAPI 3.0/3.1 tools read a text/event-stream schema (OpenAPI 3.2 calls it
+# itemSchema): its data is a JSON chunk, or "[DONE]" to end the stream.
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "A JSON chunk, or [DONE] at the end"},
+                             "event": {"type": "string"}}}
+
+
 def _streamed(description: str) -> dict[int | str, dict[str, Any]]:
-    return {200: {"description": description,
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
 
 
 # ---- chat messages to one prompt ---------------------------------------------------------------
