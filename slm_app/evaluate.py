@@ -144,7 +144,10 @@ def iter_perplexity(engine: Engine, text: Any, ctx: Any = None, method: str = "a
     nll: list[np.ndarray] = []
     chunk_ppl: list[float] = []
     for window, first in windows:
-        logprobs = np.asarray(engine.score(window), dtype=np.float64)
+        try:
+            logprobs = np.asarray(engine.score(window), dtype=np.float64)
+        except NotImplementedError as exc:  # a backend without logits (a remote server): say so, clearly
+            raise RequestError(f"perplexity is not available with this backend: {exc}", status=400) from None
         if logprobs.shape != (len(window) - 1,):
             raise RuntimeError(f"score() returned {logprobs.shape} log-probabilities for {len(window)} tokens")
         scored = -logprobs[first:]
