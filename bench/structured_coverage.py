@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/structured_coverage.py [--tier free|standard|pro] [--backend fake|tensorflow|llama.cpp]
         [--model ID] [--limit N] [--max-tokens N] [--schemas DIR] [--attempts N] [--json OUT]
+        [--jobs N] [--speed-every K]
 
 Runs each schema of ../shared/schemas/jsonschemabench-dev through the app's own path: a
 ``GenerationService`` (tier limits, the scheduler, its slots and sampler) and
@@ -18,13 +19,16 @@ outputs reported valid that an independent plain-jsonschema check rejects (must 
 (first, uncached compile: every rung tried plus the walk to the smallest instance; p50, p95; the
 walk's own p50 beside); the constraint's own time per decode step (mask, steering, consume); and
 decode tokens/s after the first token with the constraint vs without it, same prompt, same budget,
-interleaved schema by schema.
+interleaved schema by schema (``--speed-every K``: on every K-th schema only, since an unconstrained
+run goes to the budget; ``--jobs N``: N schemas at once through the service's slots, for coverage on
+slow models; the speed columns are then left out, as neighbours share the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import glob
 import json
 import os
@@ -117,9 +121,10 @@ def independent_check(raw: str, schema: dict) -> bool:
     return validator.is_valid(json.loads(raw))
 
 
-def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tokens: int,
-            attempts: int, steer: bool = True) -> dict[str, Any]:
+def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: int, steer: bool = True,
+            speed: bool = True) -> dict[str, Any]:
     limits = service.limits
+    runner = TimedRunner(ServiceRunner(service, None))
     case = json.loads(path.read_text())
     text = json.dumps(case["schema"])
     row: dict[str, Any] = {"subset": path.parent.name, "schema": path.name, "chars": len(text)}
@@ -153,6 +158,8 @@ def run_one(service: GenerationService, runner: TimedRunner, path: Path, max_tok
         row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema))
     else:
         row.update(outcome="truncated" if result.error.startswith("truncated") else "invalid", reason=result.error)
+    if not speed:
+        return row
 
     # The same prompt the engine built, without the constraint, for the speed comparison.
     runner.seconds = runner.tokens = 0
@@ -207,29 +214,40 @@ def main() -> None:
     ap.add_argument("--attempts", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write every row here")
     ap.add_argument("--no-steer", action="store_true", help="budget steering off (what it adds, for comparison)")
+    ap.add_argument("--jobs", type=int, default=1, help="schemas at once (slots); >1 leaves the speed columns out")
+    ap.add_argument("--speed-every", type=int, default=1, help="unconstrained comparison on every K-th schema")
     args = ap.parse_args()
 
     overrides = {"max_structured_tokens": args.max_tokens} if args.max_tokens else {}
-    settings = Settings(tier=args.tier, backend=args.backend, model=args.model, parallel=1, **overrides)
+    settings = Settings(tier=args.tier, backend=args.backend, model=args.model, parallel=args.jobs, **overrides)
     service = GenerationService(settings)
     service.load()
     if service.status != "ok":
         sys.exit(f"model not loaded: {service.load_error}")
-    runner = TimedRunner(ServiceRunner(service, None))
+    runner = ServiceRunner(service, None)
     runner.llguidance_tokenizer()  # built once (~1 s) here, not inside the first schema's compile time
     max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)
     lim = service.limits
     print(f"{len(paths)} schemas, steering {'off' if args.no_steer else 'on'}, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
           f"max {max_tokens} tokens, {args.attempts} attempts, schema limit {lim.max_schema_chars:,} chars / "
-          f"depth {lim.max_schema_depth}", file=sys.stderr)
-    rows = []
+          f"depth {lim.max_schema_depth}, {args.jobs} at once", file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+
+    def one(i: int, path: Path) -> dict[str, Any]:
+        speed = args.jobs == 1 and i % args.speed_every == 0
+        return run_one(service, path, max_tokens, args.attempts, steer=not args.no_steer, speed=speed)
+
     try:
-        for i, path in enumerate(paths, 1):
-            rows.append(run_one(service, runner, path, max_tokens, args.attempts, steer=not args.no_steer))
-            if args.json:  # as it goes: a long run that is stopped still leaves its rows
-                args.json.write_text(json.dumps(rows, indent=1))
-            print(f"[{i}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}", file=sys.stderr)
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(one, i, path): path for i, path in enumerate(paths)}
+            for future in concurrent.futures.as_completed(futures):
+                path = futures[future]
+                rows.append(future.result())
+                if args.json:  # as it goes: a long run that is stopped still leaves its rows
+                    args.json.write_text(json.dumps(rows, indent=1))
+                print(f"[{len(rows)}/{len(paths)}] {path.parent.name}/{path.name}: {rows[-1]['outcome']}",
+                      file=sys.stderr)
     finally:
         service.close()
 

@@ -410,6 +410,7 @@ class _VocabFacts:
     safe: np.ndarray  # bool over the vocabulary: the token's bytes contain none of { [ , : \\
     opens: np.ndarray  # the complement (special tokens such as EOS carry no JSON: they open nothing)
     token_bytes: tuple[bytes, ...]
+    quotes: np.ndarray  # bool over the vocabulary: the token's bytes contain '"' (it may open or close a key)
 
 
 _vocab_facts: dict[int, tuple[llguidance.LLTokenizer, _VocabFacts]] = {}
@@ -427,7 +428,8 @@ def _facts(tokenizer: llguidance.LLTokenizer) -> _VocabFacts:
     n = tokenizer.vocab_size
     pieces = tuple(b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i]) for i in range(n))
     opens = np.fromiter((not _OPENERS.isdisjoint(p) for p in pieces), dtype=np.bool_, count=n)
-    facts = _VocabFacts(tuple(preferred), tokenizer.eos_token, ~opens, opens, pieces)
+    quotes = np.fromiter((b'"' in p for p in pieces), dtype=np.bool_, count=n)
+    facts = _VocabFacts(tuple(preferred), tokenizer.eos_token, ~opens, opens, pieces, quotes)
     with _cache_lock:
         _vocab_facts[id(tokenizer)] = (tokenizer, facts)  # holds the tokenizer: its id stays unique
     return facts
@@ -678,6 +680,8 @@ class JsonSchemaConstraint:
         # count= cuts a vocabulary wider than the logits, and pads with False (zero bits) when the
         # logits are wider than the vocabulary (models pad their embedding to a multiple of 64...).
         allowed = np.unpackbits(self._bytes, count=self.vocab_width, bitorder="little").view(np.bool_)
+        if self._facts is not None and self._json.in_key and self._json.open_keys():
+            self._forbid_repeated_keys(allowed)
         if remaining is None or self._facts is None or self._matcher.is_stopped():
             return allowed
         path = self._closing_path(remaining)
@@ -711,6 +715,19 @@ class JsonSchemaConstraint:
         if path[0] < self.vocab_width:
             allowed[path[0]] = True
         return allowed
+
+    def _forbid_repeated_keys(self, allowed: np.ndarray) -> None:
+        """Clear tokens that would close a key the open object already has.
+
+        llguidance lets an object with free-form keys (or a declared one, again) repeat a key; the
+        output would then be rejected (a repeated key is ambiguous JSON), after a whole attempt's
+        tokens. Only tokens holding a quote can close a key, so few are checked, and only in keys."""
+        n = min(allowed.size, self._facts.quotes.size)
+        candidates = np.flatnonzero(allowed[:n] & self._facts.quotes[:n])
+        pieces = self._facts.token_bytes
+        bad = [t for t in candidates.tolist() if self._json.closes_repeated_key(pieces[t])]
+        if bad and len(bad) < candidates.size + np.count_nonzero(allowed[:n] & ~self._facts.quotes[:n]):
+            allowed[bad] = False  # never all of them: an empty mask would end the output in error
 
     def _keep_fitting(self, allowed: np.ndarray, candidates: np.ndarray, remaining: int) -> None:
         """Clear the candidates after which no completion fits in what is left of the budget."""
@@ -807,6 +824,36 @@ class _JsonPosition:
     @property
     def in_string(self) -> bool:
         return self._in_string
+
+    def open_keys(self) -> set[bytes] | None:
+        """The keys the innermost open object already has (None inside an array or at the top)."""
+        return self._stack[-1] if self._stack else None
+
+    def closes_repeated_key(self, data: bytes) -> bool:
+        """Would feeding ``data`` close a key the innermost object already has? (No copy: a key
+        step checks thousands of tokens.)"""
+        keys = self.open_keys()
+        if not keys or not self.in_key:
+            return False
+        in_string, escape = self._in_string, self._escape
+        key = bytearray(self._key) if in_string else bytearray()
+        for b in data:
+            if not in_string:
+                if b == 0x22:
+                    in_string = True
+                elif b not in b" \t\r\n,":  # past the key (":"), or out of the object
+                    return False
+            elif escape:
+                escape = False
+                key.append(b)
+            elif b == 0x5C:
+                escape = True
+                key.append(b)
+            elif b == 0x22:
+                return bytes(key) in keys
+            else:
+                key.append(b)
+        return False
 
     def copy(self) -> "_JsonPosition":
         other = _JsonPosition()

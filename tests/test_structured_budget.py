@@ -188,3 +188,47 @@ def test_random_model_closes_the_shared_schema_sample(service) -> None:
     print(json.dumps({k: len(v) for k, v in outcomes.items()}), outcomes["refused"], outcomes["failed"])
     assert len(outcomes["valid"]) + len(outcomes["refused"]) + len(outcomes["failed"]) == 40
     assert len(outcomes["valid"]) >= 0.9 * fitting and len(outcomes["valid"]) >= 0.8 * 40
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "additionalProperties": {"type": "integer"}},  # free-form keys
+    {"type": "object", "patternProperties": {"^t": {"type": "integer"}}},  # keys by pattern (OCDS schemas)
+], ids=["free keys", "pattern keys"])
+def test_a_key_is_never_repeated(tok, schema) -> None:
+    """llguidance lets an open object repeat a key; the output would be rejected after a whole attempt
+    (found on the real Gemma with a schema of this shape). The mask takes such tokens away."""
+    compiled = compile_schema(schema, tok)
+    constraint = JsonSchemaConstraint(compiled, tok.vocab_size)
+    written = '{"title":1,'
+    for t in tok.tokenize_str(written):
+        assert constraint.allowed_tokens()[t]
+        constraint.consume(t)
+    allowed = constraint.allowed_tokens()
+    # Opening the key again is fine (it may become "titles"); closing it as "title" is not.
+    for t in tok.tokenize_str('"title'):
+        assert allowed[t]
+        constraint.consume(t)
+        allowed = constraint.allowed_tokens()
+    quote = tok.tokenize_str('"')[0]
+    bare = compiled.new_matcher()
+    assert bare.consume_tokens(tok.tokenize_str('{"title":1,"title')) and bare.validate_tokens([quote]) == 1
+    assert not allowed[quote]  # llguidance alone allows it (above); the constraint does not
+    closing = [t for t in np.flatnonzero(allowed).tolist() if b'"' in tok.decode_bytes([t])]
+    assert closing  # other keys can still be closed: "titles", "title2"...
+    assert all(tok.decode_bytes([t]).split(b'"')[0] != b"" for t in closing)
+    # Driving the constraint with uniform random choices never yields a repeated key.
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = JsonSchemaConstraint(compiled, tok.vocab_size)
+        out = []
+        for _ in range(60):
+            ids = np.flatnonzero(c.allowed_tokens(60 - len(out)))
+            if c.is_finished() or not ids.size:
+                break
+            t = int(rng.choice(ids))
+            c.consume(t)
+            out.append(t)
+        text = tok.decode_str(out)
+        if c.is_accepting():
+            validate_output(text.removesuffix(tok.decode_str([tok.eos_token])), schema)
+
