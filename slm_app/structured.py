@@ -238,6 +238,9 @@ _COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator"
 # Strict first; then oneOf read as anyOf (llguidance only proves the two equal in some cases);
 # then lenient, which ignores keywords it does not implement. The validator still judges the output.
 _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenient", {"lenient": True}))
+# The last rung: lenient, and regexes llguidance's (Rust) regex engine cannot express (look-arounds,
+# back-references) left out of the grammar. Those strings are then only checked by the validator.
+_WITHOUT_PATTERNS = "lenient, some patterns unenforced"
 # Compile cost is bounded by llguidance's own budgets, not by the schema's length: a 200k-character
 # Kubernetes schema compiles in well under a second, while a small schema with a pathological regex
 # would not. Grammar symbols and regex fuel are llguidance's defaults (500k symbols; 1M fuel, ~20 ms);
@@ -330,6 +333,71 @@ def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False) -> Any:
     return out
 
 
+_REGEX_ONLY_IN_PYTHON = (sre_c.ASSERT, sre_c.ASSERT_NOT, sre_c.GROUPREF, sre_c.GROUPREF_EXISTS)
+
+
+def _python_only_regex(regex: str) -> bool:
+    """True if ``regex`` uses what only a backtracking engine has (look-arounds, back-references)."""
+    try:
+        seq = sre_parse.parse(regex)
+    except (re.error, RecursionError, OverflowError):
+        return True
+
+    def visit(items: Any) -> bool:
+        for op, av in items:
+            if op in _REGEX_ONLY_IN_PYTHON:
+                return True
+            if op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
+                children = [av[2]]
+            elif op is sre_c.SUBPATTERN:
+                children = [av[3]]
+            elif op is sre_c.BRANCH:
+                children = av[1]
+            elif op is sre_c.ATOMIC_GROUP:
+                children = [av]
+            else:
+                continue
+            if any(visit(child) for child in children):
+                return True
+        return False
+
+    return visit(seq)
+
+
+def without_python_only_patterns(node: Any) -> tuple[Any, int]:
+    """The schema without the ``pattern``s and ``patternProperties`` entries llguidance cannot compile,
+    and how many were left out. Leaving out a pattern only widens what the grammar allows; leaving out
+    a patternProperties entry makes its keys fall to additionalProperties (narrower or wider). Either
+    way the validator, which keeps the user's schema, still judges the output."""
+    dropped = 0
+
+    def walk(n: Any) -> Any:
+        nonlocal dropped
+        if isinstance(n, list):
+            return [walk(item) for item in n]
+        if not isinstance(n, dict):
+            return n
+        out: dict[str, Any] = {}
+        for key, value in n.items():
+            if key in _DATA_KEYWORDS:
+                out[key] = value
+            elif key == "pattern" and isinstance(value, str) and _python_only_regex(value):
+                dropped += 1
+            elif key in _NAME_MAPS and isinstance(value, dict):
+                kept = {}
+                for name, sub in value.items():
+                    if key == "patternProperties" and _python_only_regex(name):
+                        dropped += 1
+                    else:
+                        kept[name] = walk(sub)
+                out[key] = kept
+            else:
+                out[key] = walk(value)
+        return out
+
+    return walk(node), dropped
+
+
 def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int | None = None) -> CompiledSchema:
     """Compile for ``tokenizer``, relaxing only if strict compilation is refused. Cached (LRU).
 
@@ -348,7 +416,11 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
             return hit
     errors: list[str] = []
     start = time.perf_counter()
-    for mode, options in _LADDER:
+    ladder: list[tuple[str, dict, dict]] = [(mode, options, grammar_schema) for mode, options in _LADDER]
+    patternless, dropped = without_python_only_patterns(grammar_schema)
+    if dropped:
+        ladder.append((_WITHOUT_PATTERNS, {"lenient": True}, patternless))
+    for mode, options, grammar_schema in ladder:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(grammar_schema, overrides={**_COMPACT, **options})
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_PARSER_LIMITS)
         elapsed = (time.perf_counter() - start) * 1000
