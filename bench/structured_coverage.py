@@ -83,6 +83,7 @@ class TimedRunner:
 
     def __init__(self, inner: ServiceRunner):
         self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
+        self.max_sequence_tokens = inner.max_sequence_tokens
         self.seconds, self.tokens = 0.0, 0
         self.mask_s, self.steps = 0.0, 0
 
@@ -163,7 +164,7 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
 
     # The same prompt the engine built, without the constraint, for the speed comparison.
     runner.seconds = runner.tokens = 0
-    prompt = structured.build_prompt(runner, PROMPT, compiled.schema, limits)
+    prompt = structured.build_prompt(runner, PROMPT, compiled.schema, limits, max_tokens)
     engine = service.ready()
     prepared = PreparedPrompt(prompt, engine.tokenize(engine.format_prompt(prompt, True)))
     runner.add(service.start("bench", prepared, SamplingParams(max_new_tokens=max_tokens, temperature=0.7,

@@ -410,7 +410,8 @@ class ServiceRunner:
     def __init__(self, service: GenerationService, cancel: threading.Event | None = None):
         self._service, self._cancel = service, cancel
         self._engine = service.ready()
-        self.model_id = self._engine.info().model_id
+        info = self._engine.info()
+        self.model_id, self.max_sequence_tokens = info.model_id, info.n_ctx
         self.vocab_width = self._engine.vocab_width
 
     def llguidance_tokenizer(self) -> Any:

@@ -1116,6 +1116,7 @@ class StructuredRunner(Protocol):
 
     model_id: str
     vocab_width: int  # logits width: the mask width
+    max_sequence_tokens: int  # prompt and answer together (the model's context per sequence)
 
     def llguidance_tokenizer(self) -> llguidance.LLTokenizer: ...
 
@@ -1127,15 +1128,19 @@ class StructuredRunner(Protocol):
         """One constrained generation per prompt, run to the end; failures raise."""
 
 
-def build_prompt(runner: StructuredRunner, prompt: str, schema: dict, limits: TierLimits) -> str:
-    """The user's prompt plus the instruction and the schema, within ``max_prompt_tokens`` if possible.
+def build_prompt(runner: StructuredRunner, prompt: str, schema: dict, limits: TierLimits,
+                 max_new_tokens: int | None = None) -> str:
+    """The user's prompt plus the instruction and the schema, within ``max_prompt_tokens`` if possible,
+    and leaving ``max_new_tokens`` of the model's context for the answer (or half of it, at least).
 
     The schema is shown so the model knows the task; the grammar enforces it regardless, so a
     schema too long to show goes without its annotations, then is left out.
     """
+    room = runner.max_sequence_tokens - (max_new_tokens or 0)
+    most = min(limits.max_prompt_tokens, max(room, runner.max_sequence_tokens // 2))
     for shown in (schema, _without_annotations(schema)):
         text = _PROMPT.format(prompt=prompt, schema=json.dumps(shown, separators=(",", ":"), ensure_ascii=False))
-        if runner.count_tokens(text) <= limits.max_prompt_tokens:
+        if runner.count_tokens(text) <= most:
             return text
     return _PROMPT_NO_SCHEMA.format(prompt=prompt)
 
@@ -1205,7 +1210,16 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
     if steer:
         check_fits(compiled, max_new_tokens, cap)
-    full_prompt = build_prompt(runner, prompt, compiled.schema, limits)
+    full_prompt = build_prompt(runner, prompt, compiled.schema, limits, max_new_tokens)
+    # The answer also ends where the sequence is full: steer to that end if it comes first.
+    room = runner.max_sequence_tokens - runner.count_tokens(full_prompt)
+    if room < max_new_tokens:
+        if room < 1:
+            raise SchemaError(f"the prompt leaves no room for an answer in this model's context of "
+                              f"{runner.max_sequence_tokens} tokens; shorten it")
+        max_new_tokens = room
+        if steer:
+            check_fits(compiled, max_new_tokens, cap)
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, data, error = 0, "", None, "no attempt was made"

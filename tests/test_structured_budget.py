@@ -19,7 +19,7 @@ import llguidance
 import numpy as np
 import pytest
 
-from slm_app.service import GenerationService, RequestError
+from slm_app.service import GenerationService, RequestError, ServiceRunner
 from slm_app.settings import Settings, TierLimits
 from slm_app.structured import (
     NEAR, JsonSchemaConstraint, SchemaError, compile_schema, parse_schema, validate_output, walk_to_completion,
@@ -232,3 +232,24 @@ def test_a_key_is_never_repeated(tok, schema) -> None:
         if c.is_accepting():
             validate_output(text.removesuffix(tok.decode_str([tok.eos_token])), schema)
 
+
+
+def test_the_answer_closes_where_the_context_ends_first(tmp_path) -> None:
+    """A long schema shown in the prompt leaves less of the context than the budget: the engine steers
+    to the context's end, not to a budget the sequence cannot reach (found on the pro tier's 1,024
+    tokens with a 1,024-token context: JSON cut off at ~1,000 tokens)."""
+    service = GenerationService(Settings(tier="pro", backend="fake", cache_dir=str(tmp_path)))
+    service.load()
+    try:
+        runner = ServiceRunner(service)
+        assert runner.max_sequence_tokens == 1_024 == service.limits.max_structured_tokens
+        schema = {"type": "object", "description": "a long description " * 120,
+                  "properties": {"items": {"type": "array", "items": {"type": "string"}},
+                                 "n": {"type": "integer"}}, "required": ["items", "n"]}
+        assert runner.count_tokens(json.dumps(schema)) > 400
+        for seed in range(3):
+            result = service.structured("Fill it in", json.dumps(schema), max_new_tokens=1_024, temperature=1.0,
+                                        seed=seed)
+            assert result["success"], result
+    finally:
+        service.close()

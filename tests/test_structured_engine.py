@@ -392,6 +392,7 @@ class RecordingRunner:
 
     def __init__(self, inner: ServiceRunner):
         self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
+        self.max_sequence_tokens = inner.max_sequence_tokens
         self.seeds: list[int | None] = []
 
     def llguidance_tokenizer(self) -> Any:
