@@ -294,7 +294,49 @@ def budget_bounds(budget: int) -> tuple[int, int]:
     return min(max(budget, 16), 512), min(max(budget // 16, 4), 64)
 
 
-def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False) -> Any:
+def _shared_definitions(schema: Any) -> frozenset[str]:
+    """Pointers (``#/definitions/x``, ``#/$defs/x``) of definitions used as a part of an object that
+    other parts also describe (an allOf member, or an anyOf/oneOf branch beside the object's own
+    members), followed through definitions that are themselves such references."""
+    shared: set[str] = set()
+
+    def refs_of(branches: Any) -> None:
+        for branch in branches if isinstance(branches, list) else []:
+            if isinstance(branch, dict) and isinstance(branch.get("$ref"), str):
+                shared.add(branch["$ref"])
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            refs_of(node.get("allOf"))
+            if any(k in node for k in ("properties", "required", "patternProperties", "additionalProperties")):
+                refs_of(node.get("anyOf"))
+                refs_of(node.get("oneOf"))
+            if isinstance(node.get("$ref"), str) and len(node) > 1:  # a $ref beside other keywords
+                shared.add(node["$ref"])
+            for key, value in node.items():
+                if key not in _DATA_KEYWORDS:
+                    walk(value)
+
+    walk(schema)
+    defs = {f"#/{key}/{name}": sub for key in ("definitions", "$defs") if isinstance(schema, dict)
+            and isinstance(schema.get(key), dict) for name, sub in schema[key].items()}
+    todo = list(shared)
+    while todo:  # a shared definition that is a reference or allOf shares what it points to
+        target = defs.get(todo.pop())
+        if isinstance(target, dict):
+            more = {target["$ref"]} if isinstance(target.get("$ref"), str) else set()
+            more |= {b["$ref"] for b in target.get("allOf", []) if isinstance(b, dict) and isinstance(b.get("$ref"), str)}
+            for ref in more - shared:
+                shared.add(ref)
+                todo.append(ref)
+    return frozenset(shared)
+
+
+def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False,
+                     _shared: frozenset[str] | None = None, _top: bool = True) -> Any:
     """The schema with its unbounded strings, arrays and objects bounded, for the grammar only.
 
     A small model (or one caught in a loop: ``["id","id","id",...``) can spend any token budget
@@ -306,18 +348,27 @@ def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False) -> Any:
     another part allows. ``not``/``if``/``contains`` and the like are left alone: narrowing inside
     them could widen or change what the whole schema means.
     """
+    if _shared is None:
+        _shared = _shared_definitions(node)
     if isinstance(node, list):
-        return [bound_for_budget(item, budget, _in_all_of) for item in node]
+        return [bound_for_budget(item, budget, _in_all_of, _shared, False) for item in node]
     if not isinstance(node, dict):
         return node
     out: dict[str, Any] = {}
+    # A branch of allOf, or of anyOf/oneOf beside the object's own members, describes the same object
+    # as its siblings: closing it would rule out their keys ("required property is unsatisfiable").
+    shares = _in_all_of or any(k in node for k in ("properties", "required", "patternProperties",
+                                                   "additionalProperties"))
     for key, value in node.items():
         if key in _DATA_KEYWORDS or key in _UNBOUNDABLE:
             out[key] = value
         elif key in _NAME_MAPS and isinstance(value, dict):
-            out[key] = {name: bound_for_budget(sub, budget) for name, sub in value.items()}
+            out[key] = {name: bound_for_budget(sub, budget, _top and key in ("definitions", "$defs")
+                                               and f"#/{key}/{name}" in _shared, _shared, False)
+                        for name, sub in value.items()}
         else:
-            out[key] = bound_for_budget(value, budget, _in_all_of=key == "allOf")
+            out[key] = bound_for_budget(value, budget, key == "allOf" or (key in ("anyOf", "oneOf") and shares),
+                                        _shared, False)
     types = out.get("type")
     types = set(types) if isinstance(types, list) else {types}
     max_chars, max_items = budget_bounds(budget)
@@ -325,7 +376,9 @@ def bound_for_budget(node: Any, budget: int, _in_all_of: bool = False) -> Any:
         out["maxLength"] = max(max_chars, out.get("minLength", 0) if isinstance(out.get("minLength"), int) else 0)
     combined = _in_all_of or any(k in out for k in ("allOf", "anyOf", "oneOf", "$ref", "$dynamicRef", "if",
                                                       "dependentSchemas", "dependencies"))
+    required = out.get("required") if isinstance(out.get("required"), list) else []
     if (isinstance(out.get("properties"), dict) and out["properties"] and not combined
+            and all(name in out["properties"] for name in required)  # a required name it does not list
             and not any(k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties"))):
         out["additionalProperties"] = False
     if "array" in types and "maxItems" not in out:

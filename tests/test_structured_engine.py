@@ -638,6 +638,31 @@ def test_budget_bounds_narrow_only_unbounded_strings_and_arrays() -> None:
     assert opened["additionalProperties"] is True
 
 
+@pytest.mark.parametrize("schema, instance", [
+    # "required" names a member "properties" does not list (common in real schemas)
+    ({"type": "object", "properties": {"coordinates": {"type": "array"}}, "required": ["type", "coordinates"]},
+     '{"coordinates":[],"type":1}'),
+    # oneOf branches inside an allOf member, another member adding "builder"
+    ({"allOf": [{"oneOf": [{"properties": {"state": {"enum": ["stopped"]}}, "required": ["state"]},
+                           {"properties": {"state": {"enum": ["waiting"]}}, "required": ["state"]}]},
+                {"properties": {"builder": {"type": "object"}}, "required": ["builder"]}]},
+     '{"state":"stopped","builder":{}}'),
+    # a definition used as an allOf member through $ref
+    ({"definitions": {"pets": {"type": "object", "properties": {"dog": {"type": "string"}}, "required": ["dog"]},
+                      "more": {"allOf": [{"$ref": "#/definitions/pets"},
+                                         {"properties": {"horse": {"type": "string"}}, "required": ["horse"]}]}},
+      "type": "object", "properties": {"more": {"$ref": "#/definitions/more"}}, "required": ["more"]},
+     '{"more":{"dog":"a","horse":"b"}}'),
+], ids=["required but unlisted", "oneOf in allOf", "definition in allOf"])
+def test_budget_bounds_never_make_a_schema_unsatisfiable(tok, schema, instance) -> None:
+    """Closing an object (additionalProperties: false) that other parts of the schema extend made
+    llguidance refuse 7 of the 500 shared schemas as unsatisfiable; those objects stay open."""
+    assert validate_output(instance, schema)[1] is None
+    compiled = compile_schema(schema, tok, budget=96)
+    m = compiled.new_matcher()
+    assert m.consume_tokens(tok.tokenize_str(instance)) and m.is_accepting(), compiled.mode
+
+
 def test_bounded_grammar_finishes_where_unbounded_runs_out(backend) -> None:
     # Random logits almost never close a free-text string; the budget bound makes them close.
     schema = {"type": "object", "properties": {"note": {"type": "string"}, "tags": {"type": "array",
