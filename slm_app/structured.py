@@ -1067,7 +1067,7 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
 
 def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str, *, limits: TierLimits,
                         max_new_tokens: int, temperature: float, seed: int | None,
-                        attempts: int = 3, steer: bool = True) -> StructuredResult:
+                        attempts: int = 3, steer: bool = True, instruct: bool = True) -> StructuredResult:
     """Constrained generation of JSON valid against ``schema_text``; success only if jsonschema agrees.
 
     Raises ``ValueError`` for a token budget outside 1..``limits.max_structured_tokens`` and
@@ -1076,6 +1076,8 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     time; invalid output (possible where the grammar is relaxed) is retried with the next seed
     (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
     ``steer=False`` turns budget steering and the up-front fit check off (for comparison only).
+    ``instruct=False``: ``prompt`` already says what to answer (tool calling renders its own
+    conversation and instructions), so it is used as is, without the schema appended.
     """
     cap = limits.max_structured_tokens
     if not 1 <= max_new_tokens <= cap:
@@ -1086,7 +1088,7 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
     if steer:
         check_fits(compiled, max_new_tokens, cap)
-    full_prompt = build_prompt(runner, prompt, compiled.schema, limits)
+    full_prompt = build_prompt(runner, prompt, compiled.schema, limits) if instruct else prompt
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, data, error = 0, "", None, "no attempt was made"

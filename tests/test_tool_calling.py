@@ -1,0 +1,265 @@
+"""Tool calling as users reach it: the official ``openai`` SDK against /v1/chat/completions, and the
+Structured JSON tab's function-call mode through ``gradio_client``.
+
+The OpenAI layer and the tool plumbing run on the fake backend (fast: assert on shapes, validity and
+statuses, whatever the scripted model "decides"). What a real model decides runs on the free tier's
+TensorFlow tiny-gpt2 (random weights: the engine must still close valid arguments) and on the pro
+tier's embedded GGUF (llama.cpp), where a sensible prompt should give a sensible call.
+"""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from conftest import launch_app
+from slm_app.settings import Settings
+
+WEATHER = {"type": "object",
+           "properties": {"city": {"type": "string", "maxLength": 40, "description": "City name"},
+                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+           "required": ["city"]}
+TIME = {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 32}}, "required": ["timezone"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Current time in a timezone",
+                                           "parameters": TIME}}]
+SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    settings = Settings(tier="free", backend="fake", cache_dir=str(tmp_path_factory.mktemp("cache")))
+    with launch_app(settings) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(app) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app.url + "v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def assert_valid_calls(message, names=tuple(SCHEMAS)) -> list:
+    """Every call has an id, a known name and arguments (JSON text) valid against its parameters."""
+    assert message.content is None and message.tool_calls
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    assert len({c.id for c in message.tool_calls}) == len(message.tool_calls)
+    return message.tool_calls
+
+
+# ---- the OpenAI route on the fake backend ----------------------------------------------------------
+
+def test_forced_named_call(client, model):
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, seed=1)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = assert_valid_calls(r.choices[0].message, names=("get_weather",))
+    assert len(calls) >= 1
+    assert r.usage.completion_tokens >= 1 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_required_calls_one_of_the_tools(client, model):
+    for seed in range(3):
+        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required", seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_valid_calls(r.choices[0].message)
+
+
+def test_auto_either_answers_or_calls(client, model):
+    outcomes = set()
+    for seed in range(4):
+        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, seed=seed)
+        choice = r.choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert_valid_calls(choice.message)
+        else:
+            assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+            assert not choice.message.tool_calls
+        outcomes.add(choice.finish_reason)
+    print(f"\nauto on the fake model: {sorted(outcomes)}")
+
+
+def test_none_is_a_plain_text_answer(client, model):
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=8,
+                                       temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.content and not choice.message.tool_calls
+    plain = client.chat.completions.create(model=model, messages=ASK, max_tokens=8, temperature=0)
+    assert choice.message.content == plain.choices[0].message.content  # the same prompt: no tools shown
+
+
+def test_parallel_false_makes_exactly_one_call(client, model):
+    for seed in range(3):
+        r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           parallel_tool_calls=False, seed=seed)
+        assert len(assert_valid_calls(r.choices[0].message)) == 1
+
+
+def test_streamed_calls_assemble_like_the_sdk_does(client, model):
+    chunks = list(client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                 seed=4, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in chunks[:-1]:
+        delta = chunk.choices[0].delta
+        for piece in delta.tool_calls or []:
+            call = calls.setdefault(piece.index, {"id": None, "name": "", "arguments": ""})
+            if piece.id:
+                call["id"] = piece.id
+            if piece.function and piece.function.name:
+                call["name"] += piece.function.name
+            if piece.function and piece.function.arguments:
+                call["arguments"] += piece.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls and sorted(calls) == list(range(len(calls)))
+    for call in calls.values():
+        assert call["id"].startswith("call_") and call["name"] in SCHEMAS
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
+    # A header chunk per call, then its arguments in pieces: more than one chunk per call.
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.tool_calls]) > len(calls)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_follow_up_turn_with_the_tool_result(client, model):
+    first = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, seed=2)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "clear"})}]
+    r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, seed=2)
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length", "tool_calls")
+    if choice.finish_reason == "tool_calls":
+        assert_valid_calls(choice.message)
+    else:
+        assert isinstance(choice.message.content, str)
+    # Without tools, the same history is a plain chat turn.
+    plain = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+    assert plain.choices[0].message.content and plain.choices[0].finish_reason in ("stop", "length")
+
+
+def _tool(name="f", parameters=None, **function):
+    fn = {"name": name, **function}
+    if parameters is not None:
+        fn["parameters"] = parameters
+    return {"type": "function", "function": fn}
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"tools": [_tool("f"), _tool("f")]}, "tools[1].function.name", "unique"),
+    ({"tools": [_tool("get weather!")]}, "tools[0].function.name", "letters, digits"),
+    ({"tools": [_tool("x" * 65)]}, "tools[0].function.name", "1 to 64"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name", "no tool is named 'nope'"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [_tool("f", {"type": "string"})]}, "tools[0].function.parameters", "object"),
+    ({"tools": [_tool("f", {"type": "object", "properties": {"a": {"type": "wat"}}})]},
+     "tools[0].function.parameters", "not a valid"),
+    ({"tools": [_tool("f", {"type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}})]},
+     "tools[0].function.parameters", "only local references"),
+    ({"tools": [_tool("f", {"type": "object", "properties": {"a": {"$ref": "file:///etc/passwd"}}})]},
+     "tools[0].function.parameters", "only local references"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type", "function"),
+    ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format", "cannot be combined"),
+    ({"messages": [*ASK, {"role": "tool", "tool_call_id": "call_x", "content": "18 C"}]}, "messages[1].role",
+     "must answer a tool call"),
+])
+def test_bad_tool_requests_are_400_naming_the_field(client, model, kwargs, param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**{"model": model, "messages": ASK, "max_tokens": 8, **kwargs})
+    body = info.value.body
+    assert body["param"] == param and words in body["message"], body
+
+
+def test_a_tool_result_must_answer_a_call_by_its_id(client, model):
+    messages = [*ASK, {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_2", "content": "18 C"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=messages, tools=TOOLS, max_tokens=8)
+    assert info.value.body["param"] == "messages[2].tool_call_id"
+
+
+def test_a_budget_too_small_for_any_call_is_refused_and_the_app_keeps_serving(app, client, model):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, max_tokens=4)
+    assert info.value.body["param"] == "tools" and "budget of 4" in info.value.body["message"]
+    assert httpx.get(app.url + "health").json()["status"] == "ok"
+    r = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, seed=5)
+    assert_valid_calls(r.choices[0].message)
+
+
+# ---- the Structured JSON tab's function-call mode ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gradio(app) -> Client:
+    return Client(app.url, verbose=False)
+
+
+def test_function_call_mode_through_gradio_client(gradio):
+    assert "/function_call" in gradio.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    out = gradio.predict("What's the weather in Paris?", json.dumps(TOOLS), "get_weather", True, 96, 0.7, 3,
+                         api_name="/function_call")
+    assert out["finish_reason"] == "tool_calls" and out["content"] is None
+    for call in out["tool_calls"]:
+        assert call["function"]["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    required = gradio.predict("Time in Tokyo?", json.dumps(TOOLS), "required", False, 96, 0.7, 1,
+                              api_name="/function_call")
+    assert len(required["tool_calls"]) == 1 and required["tool_calls"][0]["function"]["name"] in SCHEMAS
+    text = gradio.predict("Hello", json.dumps(TOOLS), "none", True, 16, 0.0, 0, api_name="/function_call")
+    assert text["finish_reason"] in ("stop", "length") and text["content"] and text["tool_calls"] == []
+
+
+def test_function_call_mode_bad_tools_get_clear_errors(gradio):
+    with pytest.raises(AppError, match=r"tools\[0\].function.name"):
+        gradio.predict("x", json.dumps([_tool("bad name")]), "auto", True, 64, 0.7, 0, api_name="/function_call")
+    with pytest.raises(AppError, match="not valid JSON"):
+        gradio.predict("x", "[{", "auto", True, 64, 0.7, 0, api_name="/function_call")
+    # The tab's other endpoint still works.
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    assert gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured")["success"] is True
+
+
+# ---- real models: what the model decides ---------------------------------------------------------------
+
+def test_forced_call_on_random_weights_tiny_gpt2_still_validates(free_app):
+    sdk = openai.OpenAI(base_url=free_app.url + "v1", api_key="unused", max_retries=0, timeout=300)
+    for seed in range(3):
+        r = sdk.chat.completions.create(model=sdk.models.list().data[0].id, messages=ASK, tools=TOOLS[:1],
+                                        tool_choice=NAMED, seed=seed)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_valid_calls(r.choices[0].message, names=("get_weather",))
+
+
+@pytest.mark.llama
+def test_forced_call_on_the_embedded_gguf(tmp_path):
+    with launch_app(Settings(tier="pro")) as server:
+        sdk = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=300)
+        model_id = sdk.models.list().data[0].id
+        tools = [_tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"}},
+                                       "required": ["city"]}, description="Get the current weather in a city")]
+        r = sdk.chat.completions.create(model=model_id, messages=ASK, tools=tools, tool_choice="required",
+                                        temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        arguments = json.loads(call.function.arguments)
+        jsonschema.validate(arguments, tools[0]["function"]["parameters"])
+        auto = sdk.chat.completions.create(model=model_id, messages=ASK, tools=tools, temperature=0)
+        print(f"\n{model_id}: forced call {call.function.arguments}; "
+              f"city is Paris: {arguments['city'].strip().lower() == 'paris'}; "
+              f"auto: {auto.choices[0].finish_reason} {auto.choices[0].message.tool_calls or auto.choices[0].message.content!r}")
