@@ -225,6 +225,13 @@ def test_function_call_mode_through_gradio_client(gradio):
     assert text["finish_reason"] in ("stop", "length") and text["content"] and text["tool_calls"] == []
 
 
+def test_function_call_is_an_mcp_tool(app):
+    tools = {t["name"]: t for t in httpx.get(app.url + "gradio_api/mcp/schema").json()}
+    schema = tools["function_call"]["inputSchema"]["properties"]
+    assert "tool calling" in tools["function_call"]["description"].lower()
+    assert {"prompt", "tools_json", "tool_choice", "parallel_tool_calls"} <= set(schema)
+
+
 def test_function_call_mode_bad_tools_get_clear_errors(gradio):
     with pytest.raises(AppError, match=r"tools\[0\].function.name"):
         gradio.predict("x", json.dumps([_tool("bad name")]), "auto", True, 64, 0.7, 0, api_name="/function_call")
