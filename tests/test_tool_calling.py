@@ -138,7 +138,7 @@ def test_streamed_calls_assemble_like_the_sdk_does(client, model):
 def test_follow_up_turn_with_the_tool_result(client, model):
     first = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice=NAMED, seed=2)
     call = first.choices[0].message.tool_calls[0]
-    messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    messages = [*ASK, first.choices[0].message.model_dump(exclude_none=True),  # as the README shows it
                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "clear"})}]
     r = client.chat.completions.create(model=model, messages=messages, tools=TOOLS, seed=2)
     choice = r.choices[0]
@@ -242,6 +242,22 @@ def test_function_call_mode_bad_tools_get_clear_errors(gradio):
     assert gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured")["success"] is True
 
 
+# ---- the remote backend ----------------------------------------------------------------------------
+
+def test_tool_calls_through_the_remote_backend(app, tmp_path):
+    """SLM_BACKEND=remote in front of an OpenAI-compatible upstream (this app on the fake backend): the
+    call schema goes upstream as response_format, the calls are validated here."""
+    settings = Settings(tier="pro", backend="remote", remote_url=app.url + "v1", cache_dir=str(tmp_path),
+                        warmup=False, max_prompt_tokens=512)
+    with launch_app(settings, timeout=60) as remote:
+        sdk = openai.OpenAI(base_url=remote.url + "v1", api_key="unused", max_retries=0, timeout=120)
+        model_id = sdk.models.list().data[0].id
+        r = sdk.chat.completions.create(model=model_id, messages=ASK, tools=TOOLS, tool_choice=NAMED, seed=1,
+                                        max_tokens=96)
+        assert r.choices[0].finish_reason == "tool_calls"
+        assert_valid_calls(r.choices[0].message, names=("get_weather",))
+
+
 # ---- real models: what the model decides ---------------------------------------------------------------
 
 def test_forced_call_on_random_weights_tiny_gpt2_still_validates(free_app):
@@ -267,6 +283,10 @@ def test_forced_call_on_the_embedded_gguf(tmp_path):
         arguments = json.loads(call.function.arguments)
         jsonschema.validate(arguments, tools[0]["function"]["parameters"])
         auto = sdk.chat.completions.create(model=model_id, messages=ASK, tools=tools, temperature=0)
+        out = Client(server.url, verbose=False).predict("What's the weather in Paris?", json.dumps(tools),
+                                                        "get_weather", False, 96, 0.0, 0, api_name="/function_call")
+        jsonschema.validate(json.loads(out["tool_calls"][0]["function"]["arguments"]), tools[0]["function"]["parameters"])
         print(f"\n{model_id}: forced call {call.function.arguments}; "
               f"city is Paris: {arguments['city'].strip().lower() == 'paris'}; "
-              f"auto: {auto.choices[0].finish_reason} {auto.choices[0].message.tool_calls or auto.choices[0].message.content!r}")
+              f"auto: {auto.choices[0].finish_reason} {auto.choices[0].message.tool_calls or auto.choices[0].message.content!r}; "
+              f"the tab's function_call: {out['tool_calls'][0]['function']['arguments']}")
