@@ -34,6 +34,7 @@ import json
 import re
 import secrets
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -127,8 +128,6 @@ class ToolSet:
         return "\n".join(lines) + "\n" + how + many
 
 
-NO_TOOLS = ToolSet((), "none")
-
 
 def _embedded(parameters: dict[str, Any], base: str) -> dict[str, Any]:
     """``parameters`` as a part of the output schema at ``base``: its local references ("#/$defs/x",
@@ -182,6 +181,7 @@ def _parse_tool(i: int, item: Any, limits: TierLimits) -> Tool:
         schema = structured.parse_schema(json.dumps(parameters, ensure_ascii=False), limits)
     except structured.SchemaError as exc:
         raise _bad(param, str(exc)) from None
+    _check_local_refs(schema, param)
     # "strict" (OpenAI's opt-in to schema-following) changes nothing here: every call is constrained.
     return Tool(name, description, {"type": "object", **schema})
 
@@ -231,6 +231,25 @@ def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = 
     return ToolSet(tuple(parsed), "function", name, parallel)
 
 
+def _check_local_refs(schema: dict[str, Any], param: str) -> None:
+    """Every "#/..." reference must point at something in the schema: said here, for this tool, rather
+    than later by the compiler about the combined schema's rewritten paths."""
+    for path, node in structured._subschemas(schema):
+        for key in _REF_KEYWORDS:
+            ref = node.get(key)
+            if not (isinstance(ref, str) and ref.startswith("#/")):
+                continue
+            target: Any = schema
+            for part in ref[2:].split("/"):
+                part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+                if isinstance(target, dict) and part in target:
+                    target = target[part]
+                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                else:
+                    raise _bad(param, f"{key} {ref!r} at {path or '/'} points to nothing in this schema"[:300])
+
+
 # ---- the conversation -----------------------------------------------------------------------------
 
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -269,7 +288,7 @@ def conversation_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             calls = []
             for j, c in enumerate(m["tool_calls"]):
                 fn = c.get("function") if isinstance(c, Mapping) else None
-                if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not isinstance(c.get("id"), str):
+                if not (isinstance(fn, Mapping) and isinstance(fn.get("name"), str) and isinstance(c.get("id"), str)):
                     raise RequestError(f"messages[{i}].tool_calls[{j}] must be {{\"id\", \"type\": \"function\", "
                                        "\"function\": {\"name\", \"arguments\"}}", param=f"messages[{i}].tool_calls")
                 arguments = fn.get("arguments") or "{}"
@@ -357,7 +376,13 @@ def call_tools(service: GenerationService, tool_set: ToolSet, turns: list[dict[s
     if not tool_set.active:
         raise ValueError("call_tools needs tools and a tool_choice other than 'none'")
     text = render_prompt(service, tool_set, turns)
-    prepared = service.check_prompt(text, templated=True, param="messages")
+    try:
+        prepared = service.check_prompt(text, templated=True, param="messages")
+    except RequestError as exc:
+        if exc.status != 413:
+            raise
+        raise RequestError(f"{exc.message} (the conversation with the tools described, as the model sees it)",
+                           413, exc.param) from None
     schema = tool_set.output_schema()
     try:
         api = service.structured(text, json.dumps(schema, ensure_ascii=False), max_new_tokens, temperature, seed,
@@ -381,7 +406,8 @@ def call_tools(service: GenerationService, tool_set: ToolSet, turns: list[dict[s
     for item in data["tool_calls"]:
         # The whole answer was validated; each call's arguments are judged alone too, against the
         # function's own schema as the caller gave it (before any rewriting of its references).
-        arguments, why = structured.validate_output(json.dumps(item["arguments"]), tool_set.tool(item["name"]).parameters)
+        parameters = tool_set.tool(item["name"]).parameters
+        arguments, why = structured.validate_output(json.dumps(item["arguments"]), parameters)
         if why is not None:
             raise RequestError(f"the arguments for {item['name']} are not valid: {why}", status=422, param="tools")
         calls.append(ToolCall(new_call_id(), item["name"], arguments))

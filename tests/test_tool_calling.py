@@ -9,6 +9,7 @@ tier's embedded GGUF (llama.cpp), where a sensible prompt should give a sensible
 
 from __future__ import annotations
 
+import collections
 import json
 
 import httpx
@@ -17,6 +18,8 @@ import openai
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import launch_app
 from slm_app.settings import Settings
@@ -152,6 +155,22 @@ def test_follow_up_turn_with_the_tool_result(client, model):
     assert plain.choices[0].message.content and plain.choices[0].finish_reason in ("stop", "length")
 
 
+def test_parameters_with_local_refs_are_followed(client, model):
+    # Each function's parameters sit inside one output schema: their "#/$defs/..." and "#" must still
+    # point into them there (the engine decodes under it, jsonschema judges with it).
+    node = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                             "child": {"$ref": "#/$defs/leaf"}},
+            "required": ["name"], "$defs": {"leaf": {"type": "object", "properties": {
+                "size": {"$ref": "#/$defs/size"}}, "required": ["size"]},
+                "size": {"type": "integer", "minimum": 1, "maximum": 9}}}
+    tools = [_tool("make_node", node), _tool("get_weather", WEATHER)]
+    for seed in range(3):
+        r = client.chat.completions.create(model=model, messages=ASK, tools=tools, seed=seed,
+                                           tool_choice={"type": "function", "function": {"name": "make_node"}})
+        for call in r.choices[0].message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), node)
+
+
 def _tool(name="f", parameters=None, **function):
     fn = {"name": name, **function}
     if parameters is not None:
@@ -165,7 +184,11 @@ def _tool(name="f", parameters=None, **function):
     ({"tools": [_tool("x" * 65)]}, "tools[0].function.name", "1 to 64"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name", "no tool is named 'nope'"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {}}}, "tool_choice.function.name", "required"),
+    ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice", "must be 'none', 'auto', 'required'"),
     ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [_tool("f", {"type": "object", "properties": {"a": {"$ref": "#/$defs/nope"}}})]},
+     "tools[0].function.parameters", "points to nothing"),
     ({"tools": [_tool("f", {"type": "string"})]}, "tools[0].function.parameters", "object"),
     ({"tools": [_tool("f", {"type": "object", "properties": {"a": {"type": "wat"}}})]},
      "tools[0].function.parameters", "not a valid"),
@@ -183,6 +206,51 @@ def test_bad_tool_requests_are_400_naming_the_field(client, model, kwargs, param
         client.chat.completions.create(**{"model": model, "messages": ASK, "max_tokens": 8, **kwargs})
     body = info.value.body
     assert body["param"] == param and words in body["message"], body
+
+
+_text = st.text(max_size=12) | st.sampled_from(["f", "get_weather", "", "a b", "x" * 70, "\ud800", "\x00"])
+_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _text,
+                      lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_text, kids, max_size=3), max_leaves=8)
+_schema = st.sampled_from([WEATHER, {"type": "object"}, {}, {"type": "string"}, {"$ref": "#"},
+                           {"type": "object", "properties": {"a": {"$ref": "http://x/y"}}},
+                           {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a+)+$"}}}]) | _value
+_function = st.fixed_dictionaries({}, optional={"name": _text, "description": _text | _value, "parameters": _schema,
+                                                "strict": st.booleans() | _value})
+_tool_value = st.fixed_dictionaries({"type": st.just("function") | _text}, optional={"function": _function | _value})
+_choice = st.sampled_from(["auto", "none", "required", "any"]) | st.fixed_dictionaries(
+    {"type": st.just("function")}, optional={"function": st.fixed_dictionaries({}, optional={"name": _text})}) | _value
+_history = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool", "developer"])},
+                                          optional={"content": _text | st.none(), "tool_call_id": _text | _value,
+                                                    "tool_calls": st.lists(st.fixed_dictionaries(
+                                                        {"id": _text, "type": st.just("function"),
+                                                         "function": st.fixed_dictionaries(
+                                                             {"name": _text, "arguments": _text})}), max_size=2)
+                                                    | _value}), max_size=3)
+
+
+def test_fuzzed_tool_requests_get_an_answer_or_a_clear_4xx(app, model):
+    """Tools, tool_choice, parallel_tool_calls and tool history as clients may send them: an answer or a
+    400 whose message says what was wrong, never a 5xx; the app keeps serving."""
+    statuses: collections.Counter[int] = collections.Counter()
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    # Valid parts often enough that generation is reached too, not only validation.
+    @given(tools=st.just(TOOLS) | st.lists(_tool_value, max_size=3) | _value, choice=st.just(NAMED) | _choice,
+           parallel=st.booleans() | _value, history=st.just([]) | _history)
+    def run(tools, choice, parallel, history) -> None:
+        body = {"model": model, "messages": [*ASK, *history], "tools": tools, "tool_choice": choice,
+                "parallel_tool_calls": parallel, "max_tokens": 48}
+        # json.dumps escapes lone surrogates as JSON can carry them (httpx's encoder refuses them).
+        r = httpx.post(app.url + "v1/chat/completions", content=json.dumps(body).encode(),
+                       headers={"content-type": "application/json"}, timeout=60)
+        statuses[r.status_code] += 1
+        assert r.status_code < 500, r.text[:300]
+        if r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    run()
+    print(f"\nfuzzed tool requests: {dict(statuses)}")
+    assert httpx.get(app.url + "health").json()["slots"]["running"] == 0
 
 
 def test_a_tool_result_must_answer_a_call_by_its_id(client, model):
@@ -285,8 +353,10 @@ def test_forced_call_on_the_embedded_gguf(tmp_path):
         auto = sdk.chat.completions.create(model=model_id, messages=ASK, tools=tools, temperature=0)
         out = Client(server.url, verbose=False).predict("What's the weather in Paris?", json.dumps(tools),
                                                         "get_weather", False, 96, 0.0, 0, api_name="/function_call")
-        jsonschema.validate(json.loads(out["tool_calls"][0]["function"]["arguments"]), tools[0]["function"]["parameters"])
+        tab_arguments = out["tool_calls"][0]["function"]["arguments"]
+        jsonschema.validate(json.loads(tab_arguments), tools[0]["function"]["parameters"])
+        decided = auto.choices[0].message.tool_calls or auto.choices[0].message.content
+        # Reported, not asserted: what a 270M/135M model decides is its own business.
         print(f"\n{model_id}: forced call {call.function.arguments}; "
               f"city is Paris: {arguments['city'].strip().lower() == 'paris'}; "
-              f"auto: {auto.choices[0].finish_reason} {auto.choices[0].message.tool_calls or auto.choices[0].message.content!r}; "
-              f"the tab's function_call: {out['tool_calls'][0]['function']['arguments']}")
+              f"auto: {auto.choices[0].finish_reason} {decided!r}; the tab's function_call: {tab_arguments}")

@@ -66,12 +66,12 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
@@ -181,17 +181,15 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
-class FunctionName(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    name: str = Field(description="One of the tools' names")
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["function"] = Field(description="Always function")
-    function: FunctionName
+# Checked by slm_app.tools (whose messages name the field, e.g. tool_choice.function.name: no tool is
+# named 'x'); pydantic only takes its JSON type, and /openapi.json documents the accepted shape.
+ToolChoice = Annotated[str | dict[str, Any] | None, WithJsonSchema({
+    "anyOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+              {"type": "object", "required": ["type", "function"],
+               "properties": {"type": {"type": "string", "enum": ["function"]},
+                              "function": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"}}}}},
+              {"type": "null"}]})]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -214,8 +212,8 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, description="Overrides max_tokens when set")
     response_format: ResponseFormat | None = Field(default=None, description="Constrain the answer to JSON")
     tools: list[ToolDefinition] | None = Field(default=None, description="Functions the model may call")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        default=None, description="auto (default with tools), none, required, or one named function")
+    tool_choice: ToolChoice = Field(default=None, description="auto (default with tools), none, required, or one "
+                                                              "named function: {type: function, function: {name}}")
     parallel_tool_calls: bool | None = Field(default=None, description="Allow several calls in one answer "
                                                                        "(default true)")
 
@@ -434,7 +432,8 @@ class _Job:
                                          "function": {"name": call.name, "arguments": ""}}]})
             text = call.arguments_json
             for start in range(0, len(text), _ARGUMENT_PIECE):
-                yield delta({"tool_calls": [{"index": i, "function": {"arguments": text[start:start + _ARGUMENT_PIECE]}}]})
+                piece = text[start:start + _ARGUMENT_PIECE]
+                yield delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
         yield delta({}, "tool_calls")
         if self.include_usage:
             yield self._chunk([], usage=usage)
@@ -618,8 +617,7 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
 
     def tool_set_of(body: ChatRequest) -> tools.ToolSet:
         return tools.parse_tools(None if body.tools is None else [t.model_dump() for t in body.tools],
-                                 body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel)
-                                 else body.tool_choice, body.parallel_tool_calls, limits=lim)
+                                 body.tool_choice, body.parallel_tool_calls, limits=lim)
 
     def structured_step(prompt: PreparedPrompt, schema: dict[str, Any], params: SamplingParams) -> list[Completion]:
         """service.structured's answer as the one step of a finished sequence, so it is answered (and
