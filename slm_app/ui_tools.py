@@ -136,7 +136,7 @@ def build_function_call_mode(service: GenerationService, model_events: dict[str,
             f_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
         f_button = gr.Button("Call a function", variant="primary")
         f_status = gr.Markdown()
-        f_out = gr.JSON(label="Tool calls (or the text answer)")
+        f_out = gr.JSON(label="Tool calls (or the text answer)", open=True)
         f_tools.change(lambda text, current: gr.Dropdown(choices=CHOICES + _tool_names(text), value=current),
                        [f_tools, f_choice], f_choice, api_visibility="private", queue=False)
         event = f_button.click(function_call, [f_prompt, f_tools, f_choice, f_parallel, f_tokens, f_temp, f_seed],
