@@ -21,7 +21,8 @@ The pipeline:
   unless calls may be parallel), and with ``auto`` ``anyOf`` that and ``{"content": <string>}`` so
   the model decides between calling and answering. Each function's parameters sit in ``$defs``
   under its name, their local ``$ref``s rewritten to point there. Measured with llguidance on GPT-2's
-  vocabulary: every shape compiles strictly (no relaxed rung), in about 1-3 ms.
+  vocabulary (two tools): every shape compiles strictly (no relaxed rung) in 0.7-1.7 ms, and the
+  smallest call takes 23-26 tokens (``{"content":""}`` 8), well within the free tier's 96.
 - ``call_tools``: the prompt (conversation + tools block, shrunk to fit the tier's prompt limit),
   the engine's run, then the calls with fresh ids; each call's arguments are validated once more
   alone against its function's ``parameters``.
@@ -105,8 +106,9 @@ class ToolSet:
 
     def instructions(self, detail: int = 2) -> str:
         """The system block that describes the tools and how to answer. ``detail`` 2: each function's
-        parameters schema as given; 1: without descriptions and titles; 0: only the argument names
-        (the grammar enforces the schema whatever the prompt shows)."""
+        parameters schema as given; 1: the schemas without their annotations (descriptions, titles,
+        examples); 0: only the functions' names and argument names (the grammar enforces the schemas
+        whatever the prompt shows)."""
         lines = ["You can call these functions:"]
         for t in self.callable:
             about = f": {t.description.strip().rstrip('.')}." if t.description.strip() and detail else ""
@@ -126,7 +128,6 @@ class ToolSet:
         many = (f" You may call several functions at once (at most {MAX_PARALLEL_CALLS})." if self.parallel
                 else " Call one function at a time.")
         return "\n".join(lines) + "\n" + how + many
-
 
 
 def _embedded(parameters: dict[str, Any], base: str) -> dict[str, Any]:
