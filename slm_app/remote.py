@@ -710,12 +710,13 @@ def _json_candidates(text: str) -> list[str]:
 
 def generate_structured_remote(service: Any, engine: RemoteEngine, prompt: str, schema_text: str,
                                params: SamplingParams, cancel: threading.Event | None = None,
-                               attempts: int = 3) -> dict[str, Any]:
+                               attempts: int = 3, rendered: bool = False) -> dict[str, Any]:
     """``structured.generate_structured`` for a remote engine: the upstream's ``response_format``
     when it takes one (tried best first, the one that worked remembered), else plain generation;
     success only for output ``structured.validate_output`` accepts. Retries like the local engine:
     up to ``attempts`` with the next seed when sampling, once when greedy. Raises
-    ``structured.SchemaError`` for a refused schema."""
+    ``structured.SchemaError`` for a refused schema. ``rendered``: ``prompt`` is final (a conversation
+    from ``render_conversation`` that already says what to answer): sent as is, no instruction added."""
     from slm_app import structured
 
     start = time.perf_counter()
@@ -728,9 +729,9 @@ def generate_structured_remote(service: Any, engine: RemoteEngine, prompt: str, 
             return ChatPrompt([*head, {**last, "content": template.format(prompt=last["content"], schema=shown)}])
         return engine.format_prompt(template.format(prompt=prompt, schema=shown), True)
 
-    text = with_instruction(_PROMPT)
+    text = prompt if rendered else with_instruction(_PROMPT)
     ids = engine.tokenize(text)
-    if len(ids) > service.limits.max_prompt_tokens:
+    if len(ids) > service.limits.max_prompt_tokens and not rendered:
         text = with_instruction(_PROMPT_NO_SCHEMA)  # the upstream's format (if any) still carries the schema
         ids = engine.tokenize(text)
     prepared = PreparedPrompt(text, ids)

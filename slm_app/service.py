@@ -340,23 +340,30 @@ class GenerationService:
         return results
 
     def structured(self, prompt: Any, schema_text: Any, max_new_tokens: Any, temperature: Any = 0.0,
-                   seed: Any = None, cancel: threading.Event | None = None) -> dict[str, Any]:
+                   seed: Any = None, cancel: threading.Event | None = None, *, rendered: bool = False
+                   ) -> dict[str, Any]:
+        """JSON valid against ``schema_text`` (``structured.generate_structured``'s API result).
+
+        ``rendered``: ``prompt`` is the whole prompt as the model is to see it (a conversation from
+        ``render_conversation`` that already says what to answer, as tool calling builds it): it is
+        neither extended with the schema nor wrapped in the chat template again."""
         from slm_app import remote, structured
 
         if not isinstance(schema_text, str):
             raise RequestError("schema must be JSON text", param="schema")
         check_text("schema", schema_text)
         params = self.sampling(max_new_tokens, temperature, seed=seed, cap=self.limits.max_structured_tokens)
-        self.check_prompt(prompt)
+        self.check_prompt(prompt, templated=rendered)
         start = time.perf_counter()
         try:
             if isinstance(engine := self.ready(), remote.RemoteEngine):  # no local logits: its own path
-                api = remote.generate_structured_remote(self, engine, prompt, schema_text, params, cancel)
+                api = remote.generate_structured_remote(self, engine, prompt, schema_text, params, cancel,
+                                                        rendered=rendered)
             else:
                 api = structured.generate_structured(
-                    ServiceRunner(self, cancel), prompt, schema_text, limits=self.limits,
+                    ServiceRunner(self, cancel, templated=rendered), prompt, schema_text, limits=self.limits,
                     max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                    seed=params.seed).to_api()
+                    seed=params.seed, instruct=not rendered).to_api()
         except structured.SchemaError as exc:
             self.metrics.record("structured_result", "bad_schema", time.perf_counter() - start)
             raise RequestError(f"schema: {exc}", param="schema") from None
@@ -405,26 +412,33 @@ class GenerationService:
 
 class ServiceRunner:
     """What the structured-output engine needs from the model, through the service's run path
-    (``slm_app.structured.StructuredRunner``); ``cancel`` set ends the running attempt."""
+    (``slm_app.structured.StructuredRunner``); ``cancel`` set ends the running attempt. ``templated``:
+    prompts are already in the model's format (a rendered conversation), not wrapped again."""
 
-    def __init__(self, service: GenerationService, cancel: threading.Event | None = None):
-        self._service, self._cancel = service, cancel
+    def __init__(self, service: GenerationService, cancel: threading.Event | None = None,
+                 templated: bool = False):
+        self._service, self._cancel, self._templated = service, cancel, templated
         self._engine = service.ready()
         info = self._engine.info()
-        self.model_id, self.max_sequence_tokens = info.model_id, info.n_ctx
+        # 0: a model that does not say (a remote one): its server enforces its own context.
+        self.model_id, self.max_sequence_tokens = info.model_id, info.n_ctx or 1 << 30
         self.vocab_width = self._engine.vocab_width
 
     def llguidance_tokenizer(self) -> Any:
         return self._engine.llguidance_tokenizer()
 
+    def _model_text(self, text: str) -> str:
+        return text if self._templated else self._engine.format_prompt(text, True)
+
     def count_tokens(self, text: str) -> int:
-        return len(self._engine.tokenize(self._engine.format_prompt(text, True)))
+        return len(self._engine.tokenize(self._model_text(text)))
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  constraints: Sequence[TokenConstraint]) -> list[Completion]:
         out = []
         for prompt, constraint in zip(prompts, constraints):
-            prepared = PreparedPrompt(prompt, self._engine.tokenize(self._engine.format_prompt(prompt, True)))
+            text = self._model_text(prompt)
+            prepared = PreparedPrompt(text, self._engine.tokenize(text))
             generation = self._service.start("structured", prepared, params, constraint)
             final = generation.snapshot()
             for final in generation.updates():

@@ -1244,7 +1244,7 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
 
 def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str, *, limits: TierLimits,
                         max_new_tokens: int, temperature: float, seed: int | None,
-                        attempts: int = 3, steer: bool = True) -> StructuredResult:
+                        attempts: int = 3, steer: bool = True, instruct: bool = True) -> StructuredResult:
     """Constrained generation of JSON valid against ``schema_text``; success only if jsonschema agrees.
 
     Raises ``ValueError`` for a token budget outside 1..``limits.max_structured_tokens`` and
@@ -1253,6 +1253,8 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     time; invalid output (possible where the grammar is relaxed) is retried with the next seed
     (``attempts`` in all) and, if still bad, returned with ``success=False`` and the reason.
     ``steer=False`` turns budget steering and the up-front fit check off (for comparison only).
+    ``instruct=False``: ``prompt`` already says what to answer (tool calling renders its own
+    conversation and instructions), so it is used as is, without the schema appended.
     """
     cap = limits.max_structured_tokens
     if not 1 <= max_new_tokens <= cap:
@@ -1263,7 +1265,7 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     compiled = compile_schema(schema, runner.llguidance_tokenizer(), budget=max_new_tokens)
     if steer:
         check_fits(compiled, max_new_tokens, cap)
-    full_prompt = build_prompt(runner, prompt, compiled.schema, limits, max_new_tokens)
+    full_prompt = build_prompt(runner, prompt, compiled.schema, limits, max_new_tokens) if instruct else prompt
     # The answer also ends where the sequence is full: steer to that end if it comes first.
     room = runner.max_sequence_tokens - runner.count_tokens(full_prompt)
     if room < max_new_tokens:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from slm_app import ui_chat, ui_evaluate
+from slm_app import ui_chat, ui_evaluate, ui_tools
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
 from slm_app.ui_controls import sampling_controls
@@ -171,19 +171,26 @@ def build_ui(service: GenerationService) -> gr.Blocks:
             b_button.click(batch, [b_prompts, b_tokens, b_temp], b_out, api_name="batch", **model_events)
 
         with gr.Tab("Structured JSON"):
-            first = next(iter(PRESETS))
-            s_preset = gr.Dropdown(list(PRESETS), value=first, label="Preset schema")
-            s_schema = gr.Code(json.dumps(PRESETS[first], indent=2), language="json", label="JSON Schema")
-            s_prompt = gr.Textbox(label="Prompt", lines=3, value="Write about CPU inference for small models.")
-            with gr.Row():
-                s_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
-                                     value=lim.max_structured_tokens, precision=None)
-                s_temp = gr.Number(label="Temperature", value=0.7, precision=None)
-                s_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
-            s_button = gr.Button("Generate JSON", variant="primary")
-            s_status = gr.Markdown()
-            s_out = gr.JSON(label="Result")
-            s_raw = gr.Textbox(label="Raw model output", lines=3)
+            # Two modes: JSON for a schema, or OpenAI-style function calls (ui_tools; api_name function_call).
+            s_mode = gr.Radio(["JSON Schema", "Function call"], value="JSON Schema", label="Mode")
+            with gr.Column() as schema_mode:
+                first = next(iter(PRESETS))
+                s_preset = gr.Dropdown(list(PRESETS), value=first, label="Preset schema")
+                s_schema = gr.Code(json.dumps(PRESETS[first], indent=2), language="json", label="JSON Schema")
+                s_prompt = gr.Textbox(label="Prompt", lines=3, value="Write about CPU inference for small models.")
+                with gr.Row():
+                    s_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
+                                         value=lim.max_structured_tokens, precision=None)
+                    s_temp = gr.Number(label="Temperature", value=0.7, precision=None)
+                    s_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
+                s_button = gr.Button("Generate JSON", variant="primary")
+                s_status = gr.Markdown()
+                s_out = gr.JSON(label="Result")
+                s_raw = gr.Textbox(label="Raw model output", lines=3)
+            function_mode = ui_tools.build_function_call_mode(service, model_events, _user_errors)
+            s_mode.change(lambda mode: (gr.Column(visible=mode == "JSON Schema"),
+                                        gr.Column(visible=mode == "Function call")),
+                          s_mode, [schema_mode, function_mode], api_visibility="private", queue=False)
             s_preset.change(lambda name: json.dumps(PRESETS[name], indent=2), s_preset, s_schema,
                             api_visibility="private", queue=False)
             s_event = s_button.click(structured, [s_prompt, s_schema, s_tokens, s_temp, s_seed], s_out,

@@ -8,7 +8,8 @@
 * ``POST /v1/chat/completions`` ``{model, messages, max_completion_tokens | max_tokens (default: the
   tier's limit), temperature, top_p, seed, stop, n=1, stream, stream_options, response_format}`` →
   ``chat.completion`` with ``choices[0].message = {role: "assistant", content}``, ``finish_reason``
-  (``"stop"`` or ``"length"``) and ``usage`` (prompt/completion/total tokens).
+  (``"stop"`` or ``"length"``) and ``usage`` (prompt/completion/total tokens). With ``tools``, see
+  "Tool calling" below.
 
   Request timeout (``SLM_REQUEST_TIMEOUT_S``): the answer is what was produced by then, with
   ``finish_reason: "length"``. OpenAI's set of reasons has no "timeout", and strict clients (typed SDKs
@@ -28,6 +29,23 @@
   (constrained decoding, then validation); the JSON text is the message content. Streamed, it arrives
   as one chunk since the structured engine does not stream. Out of tokens before the JSON closed gives
   ``finish_reason: "length"``; no valid JSON after the engine's retries is a 422.
+
+  Tool calling (``slm_app.tools`` does the work; this module only maps HTTP to it): ``tools`` (function
+  definitions ``{type: "function", function: {name, description, parameters, strict}}``), ``tool_choice``
+  (``"auto"``, the default with tools; ``"none"``; ``"required"``; ``{type: "function", function: {name}}``)
+  and ``parallel_tool_calls`` (default true: up to ``tools.MAX_PARALLEL_CALLS`` calls). The structured
+  engine generates the calls, each call's ``arguments`` under its function's ``parameters`` schema,
+  validated. Answer: ``message = {role: "assistant", content: null, tool_calls: [{id: "call_...",
+  type: "function", function: {name, arguments: "<JSON text>"}}]}`` with ``finish_reason: "tool_calls"``;
+  with ``auto`` the model may answer in text instead (``content``, ``"stop"``); ``"none"`` is the plain
+  text path. Out of tokens before the JSON closed: ``"length"`` with the partial text as ``content``;
+  no valid output: 422. Streamed: a chunk with the role, then per call a chunk with its ``index``,
+  ``id``, ``type`` and ``function.name`` (``arguments: ""``) followed by chunks carrying pieces of
+  ``function.arguments``, then the ``finish_reason`` chunk. The structured engine does not stream
+  token by token, so the pieces are sent after generation, as OpenAI's SDKs assemble them.
+  The conversation may hold earlier calls: an assistant message with ``tool_calls`` (``content``
+  null) and ``role: "tool"`` messages with ``tool_call_id`` and the result as ``content``.
+  ``tools`` with ``response_format`` JSON is a 400: the calls' JSON already has its own schemas.
 * ``stream: true`` → server-sent events, one ``data: {json}\\n\\n`` per chunk (``chat.completion.chunk``
   or ``text_completion``), a last chunk carrying ``finish_reason``, then (with
   ``stream_options.include_usage``) a chunk with ``choices: []`` and ``usage``, then ``data: [DONE]``.
@@ -48,12 +66,12 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
@@ -62,6 +80,7 @@ from slm_app.scheduler import Completion
 from slm_app.api.common import (api_router, error_responses, generation_steps, printable, prompt_list,
                                 public_error)
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
+from slm_app import tools
 
 class _Anything(PathConvertor):
     """Starlette's ``path`` without its blind spot: its ``.*`` does not match a newline, so an id holding
@@ -72,7 +91,6 @@ class _Anything(PathConvertor):
 
 register_url_convertor("anything", _Anything())
 
-_ROLES = {"system", "developer", "user", "assistant"}
 # status -> OpenAI's error "type" and "code"
 _ERROR_KINDS = {400: ("invalid_request_error", None), 401: ("invalid_request_error", "invalid_api_key"),
                 404: ("invalid_request_error", "model_not_found"),
@@ -120,12 +138,58 @@ class CompletionRequest(_Sampling):
                                                 "raw continuation, no chat template")
 
 
+class FunctionCallText(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(description="The function called")
+    arguments: str = Field(description="Its arguments, as JSON text")
+
+
+class MessageToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str = Field(description="The call's id, which the tool message answering it repeats")
+    type: Literal["function"] = Field(default="function", description="Always function")
+    function: FunctionCallText
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: str = Field(description="system, developer, user or assistant")
+    role: str = Field(description="system, developer, user, assistant or tool")
     content: str | list[dict[str, Any]] | None = Field(
         default=None, description="Text, or a list of parts of which only {type: text, text} are supported")
+    tool_calls: list[MessageToolCall] | None = Field(default=None, description="An assistant message's tool calls")
+    tool_call_id: str | None = Field(default=None, description="A tool message: the id of the call it answers")
+    name: str | None = Field(default=None, description="A name for the participant (ignored)")
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(description="1 to 64 letters, digits, _ or -; unique among the tools")
+    description: str | None = Field(default=None, description="What the function does (shown to the model)")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the arguments object (local $ref only); default: no arguments")
+    strict: bool | None = Field(default=None, description="Accepted; arguments always follow the schema here")
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"] = Field(description="Always function")
+    function: FunctionDefinition
+
+
+# Checked by slm_app.tools (whose messages name the field, e.g. tool_choice.function.name: no tool is
+# named 'x'); pydantic only takes its JSON type, and /openapi.json documents the accepted shape.
+ToolChoice = Annotated[str | dict[str, Any] | None, WithJsonSchema({
+    "anyOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+              {"type": "object", "required": ["type", "function"],
+               "properties": {"type": {"type": "string", "enum": ["function"]},
+                              "function": {"type": "object", "required": ["name"],
+                                           "properties": {"name": {"type": "string"}}}}},
+              {"type": "null"}]})]
 
 
 class JsonSchemaFormat(BaseModel):
@@ -147,11 +211,17 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, at least one message")
     max_completion_tokens: int | None = Field(default=None, description="Overrides max_tokens when set")
     response_format: ResponseFormat | None = Field(default=None, description="Constrain the answer to JSON")
+    tools: list[ToolDefinition] | None = Field(default=None, description="Functions the model may call")
+    tool_choice: ToolChoice = Field(default=None, description="auto (default with tools), none, required, or one "
+                                                              "named function: {type: function, function: {name}}")
+    parallel_tool_calls: bool | None = Field(default=None, description="Allow several calls in one answer "
+                                                                       "(default true)")
 
 
 # ---- response bodies --------------------------------------------------------------------------------
 
 FinishReason = Literal["stop", "length"]
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ModelCard(BaseModel):
@@ -190,17 +260,26 @@ class TextCompletion(BaseModel):
     usage: Usage
 
 
+class ResponseToolCall(BaseModel):
+    id: str = Field(description="call_...: a tool message answering this call repeats it as tool_call_id")
+    type: Literal["function"] = "function"
+    function: FunctionCallText
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(description="The answer (JSON text with response_format)")
+    content: str | None = Field(description="The answer (JSON text with response_format); null with tool_calls")
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, description="The calls, with finish_reason "
+                                                                                "tool_calls")
 
 
 class ChatChoice(BaseModel):
     index: int = Field(description="Always 0")
     message: AssistantMessage
     logprobs: None = None
-    finish_reason: FinishReason = Field(description="stop: end of text, a stop string or complete JSON; length: "
-                                                    "the token limit or the request timeout")
+    finish_reason: ChatFinishReason = Field(description="stop: end of text, a stop string or complete JSON; length: "
+                                                        "the token limit or the request timeout; tool_calls: the "
+                                                        "message holds tool calls")
 
 
 class ChatCompletion(BaseModel):
@@ -249,15 +328,15 @@ def _message_text(i: int, m: ChatMessage) -> str:
     return "".join(parts)
 
 
+def chat_turns(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The messages as system/user/assistant turns (earlier tool calls and results included)."""
+    return tools.conversation_turns([{**m.model_dump(exclude={"content"}), "content": _message_text(i, m)}
+                                     for i, m in enumerate(messages)])
+
+
 def chat_prompt(service: GenerationService, messages: list[ChatMessage]) -> tuple[str, bool]:
     """The prompt for these messages, and whether it is already in the model's chat format."""
-    turns = []
-    for i, m in enumerate(messages):
-        if m.role not in _ROLES:
-            raise RequestError(f"messages[{i}].role {m.role!r} is not supported (use system, user or assistant)",
-                               param=f"messages[{i}].role")
-        turns.append({"role": "system" if m.role == "developer" else m.role, "content": _message_text(i, m)})
-    return service.render_conversation(turns)
+    return service.render_conversation(chat_turns(messages))
 
 
 # ---- responses ---------------------------------------------------------------------------------
@@ -332,6 +411,34 @@ class _Job:
         return StreamingResponse(self._events(first), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    async def answer_calls(self, answer: tools.ToolAnswer, stream: bool) -> dict[str, Any] | Response:
+        """The model's tool calls as OpenAI returns them (``finish_reason: "tool_calls"``)."""
+        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+        if not stream:
+            message = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in answer.calls]}
+            return self.envelope(self.kind.object, [{"index": 0, "message": message, "logprobs": None,
+                                                     "finish_reason": "tool_calls"}], usage=usage)
+        return StreamingResponse(self._call_events(answer.calls, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _call_events(self, calls: tuple[tools.ToolCall, ...], usage: dict[str, int]) -> AsyncIterator[str]:
+        def delta(body: dict[str, Any], finish: str | None = None) -> str:
+            return self._chunk([{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}])
+
+        yield delta({"role": "assistant", "content": None})
+        for i, call in enumerate(calls):
+            yield delta({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                         "function": {"name": call.name, "arguments": ""}}]})
+            text = call.arguments_json
+            for start in range(0, len(text), _ARGUMENT_PIECE):
+                piece = text[start:start + _ARGUMENT_PIECE]
+                yield delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        yield delta({}, "tool_calls")
+        if self.include_usage:
+            yield self._chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps(self.envelope(self.kind.chunk_object, choices, **extra))}\n\n"
 
@@ -378,6 +485,11 @@ class _Job:
         except Exception as exc:  # the 200 is sent: all that is left is to say so in the stream
             yield f"data: {json.dumps(_error_body(500, f'generation failed ({type(exc).__name__})', None))}\n\n"
         yield "data: [DONE]\n\n"
+
+
+# Characters of a call's arguments per streamed chunk: they are ready at once (see the module docstring),
+# sent in pieces about as long as a few tokens, as clients that show calls as they arrive expect.
+_ARGUMENT_PIECE = 16
 
 
 async def _single(step: list[Completion]) -> AsyncIterator[list[Completion]]:
@@ -448,12 +560,21 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
                  responses={**errors, **error_responses(ErrorResponse, (422,)),
                             **_streamed("With stream: chat.completion.chunk chunks, then [DONE]")})
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
-        """A chat answer; response_format constrains it to JSON (validated against the schema)."""
+        """A chat answer; response_format constrains it to JSON (validated against the schema); with tools
+        the model may call functions (their arguments validated against their parameters schemas)."""
         fmt = body.response_format.type if body.response_format else "text"
         if fmt == "json_schema" and body.response_format.json_schema is None:
             raise RequestError("response_format: type json_schema needs json_schema: {name, schema}",
                                param="response_format")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        tool_set = tool_set_of(body)
+        if tool_set.active:
+            if fmt != "text":
+                raise RequestError(f"response_format {fmt} cannot be combined with tools: the answer is either "
+                                   "tool calls, whose arguments already follow each function's parameters "
+                                   "schema, or text; use tool_choice 'none' to get JSON instead",
+                                   param="response_format")
+            return await tool_answer(body, check_model(body.model), max_tokens, tool_set)
 
         def prepare() -> tuple[PreparedPrompt, SamplingParams]:
             text, templated = chat_prompt(service, body.messages)
@@ -475,6 +596,28 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
             schema = {"type": "object"} if fmt == "json_object" else body.response_format.json_schema.schema_
             steps = _single(await run_in_threadpool(structured_step, prompt, schema, params))
         return await _Job(_CHAT, model, params, _include_usage(body), steps).answer(bool(body.stream))
+
+    async def tool_answer(body: ChatRequest, model: str, max_tokens: int | None, tool_set: tools.ToolSet) -> Any:
+        """Tool calls (or, with auto, a text answer) from ``tools.call_tools``."""
+        cap = lim.max_structured_tokens
+
+        def run() -> tuple[tools.ToolAnswer, SamplingParams]:
+            params = sampling(body, max_tokens, cap, stops_of(body), False, cap=cap)
+            return tools.call_tools(service, tool_set, chat_turns(body.messages), params.max_new_tokens,
+                                    params.temperature, params.seed), params
+
+        answer, params = await run_in_threadpool(run)
+        if answer.finish_reason == "tool_calls":
+            return await _Job(_CHAT, model, params, _include_usage(body), _single([])).answer_calls(
+                answer, bool(body.stream))
+        text = Completion(text=answer.content or "", prompt_tokens=answer.prompt_tokens,
+                          completion_tokens=answer.completion_tokens, finish_reason=answer.finish_reason,
+                          seed=params.seed or 0)
+        return await _Job(_CHAT, model, params, _include_usage(body), _single([text])).answer(bool(body.stream))
+
+    def tool_set_of(body: ChatRequest) -> tools.ToolSet:
+        return tools.parse_tools(None if body.tools is None else [t.model_dump() for t in body.tools],
+                                 body.tool_choice, body.parallel_tool_calls, limits=lim)
 
     def structured_step(prompt: PreparedPrompt, schema: dict[str, Any], params: SamplingParams) -> list[Completion]:
         """service.structured's answer as the one step of a finished sequence, so it is answered (and
