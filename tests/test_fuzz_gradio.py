@@ -39,6 +39,7 @@ ENDPOINTS = {  # the api_name's inputs, by kind, in order
     "/generate": ["text", "number", "number", "number", "number", "number", "text", "bool", "number"],
     "/batch": ["text", "number", "number"],
     "/structured": ["text", "text", "number", "number", "number"],
+    "/function_call": ["text", "text", "text", "bool", "number", "number", "number"],
 }
 
 
@@ -46,6 +47,9 @@ VALID = {  # a request that is served, to mutate: fuzzing near valid inputs reac
     "/generate": ["Once upon a time", 8, 0.7, 0.95, 1, 0, "", True, 1.0],
     "/batch": ["One prompt", 8, 0.7],
     "/structured": ["A person", '{"type": "object", "properties": {"name": {"type": "string"}}}', 24, 0.7, 1],
+    "/function_call": ["Weather in Paris?", '[{"type": "function", "function": {"name": "get_weather", "parameters": '
+                       '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]',
+                       "required", True, 48, 0.7, 1],
 }
 
 
