@@ -110,8 +110,20 @@ class _ChainSampler(NativeSampler):
         if allowed is not None:
             row = logits.row(i)  # llama.cpp's own buffer: the chain reads the masked row next
             width = min(allowed.shape[0], row.shape[0])
-            row[:width][~allowed[:width]] = -np.inf
-            row[width:] = -np.inf
+            ids = np.flatnonzero(allowed[:width])
+            if ids.size == 1:
+                # A forced token (a key, a bracket): any sampler picks it with probability 1, so the
+                # chain's pass over 262k candidates is skipped; it still records the token (penalties).
+                token = int(ids[0])
+                self._C.llama_sampler_accept(self._chain, token)
+                return token
+            if ids.size < width // 2:  # JSON allows few tokens most of the time: rewrite only those
+                kept = row[ids]
+                row.fill(-np.inf)
+                row[ids] = kept
+            else:
+                np.copyto(row[:width], -np.inf, where=~allowed[:width])
+                row[width:] = -np.inf
         # Samples and accepts the token (the penalty sampler remembers it).
         return int(self._C.llama_sampler_sample(self._chain, self._backend._ctx.ctx, logits.batch_index[i]))
 
