@@ -7,6 +7,11 @@ that are decoding. Each row is sampled with its own request's parameters, seed a
 each request's text is published to its caller after every step. A finished or cancelled request
 frees its slot at once. llama.cpp's ``llama-server`` works the same way.
 
+When every running request decodes greedily with nothing to do between its tokens (no constraint,
+no repeat penalty) and nobody waits for a free slot, a backend that offers ``decode_greedy`` runs
+several steps in one call; stop strings, end of text and limits are applied to its tokens
+afterwards, and the text is published once per call.
+
 Callers get a ``Generation`` handle: ``updates()`` (blocking) or ``aupdates()`` (asyncio) yield the
 latest ``Completion`` snapshot whenever it changed (a slow reader skips intermediate snapshots rather
 than queueing them: text only grows, so the latest says everything), ``cancel()`` ends it whether it

@@ -6,10 +6,18 @@ small architecture) so that its KV cache can live in ``tf.Variable``s of shape
 at each row's own position (``scatter_nd_update``), and so that a step returns an in-graph argmax
 next to its logits: greedy decoding never copies a vocabulary row to Python.
 
+A decode call is a ``tf.while_loop`` of up to ``DECODE_STEPS`` steps, each feeding every row its own
+argmax (``decode_greedy``); ``forward`` runs the same compiled loop for one step. A call costs
+~0.5 ms of dispatch (Python, TensorFlow, XLA's launch) before any arithmetic, more than a whole
+tiny-gpt2 step, so a greedy stream with nothing to do in Python between its tokens pays it once per
+``DECODE_STEPS`` tokens. A token costs the same loop body however many steps share the call, so
+decoding k at a time and one at a time give the same tokens, bit for bit.
+
 Shapes never change at run time; every shape is compiled at load (``warmup``):
 
 * decode: ``B`` rows of one token each (``B`` from 2 to ``MAX_DECODE_ROWS``) attending to the first
-  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``);
+  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``, enough for the call's last
+  step); the number of steps is an argument, not a shape;
 * prefill: blocks of exactly ``PREFILL_BLOCK`` tokens of one slot, attending to all ``n_ctx`` cells;
   the scheduler's chunks (up to ``limits().max_step_tokens``) run as several blocks.
 
