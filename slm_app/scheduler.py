@@ -7,6 +7,11 @@ that are decoding. Each row is sampled with its own request's parameters, seed a
 each request's text is published to its caller after every step. A finished or cancelled request
 frees its slot at once. llama.cpp's ``llama-server`` works the same way.
 
+When every running request decodes greedily with nothing to do between its tokens (no constraint,
+no repeat penalty) and nobody waits for a free slot, a backend that offers ``decode_greedy`` runs
+several steps in one call; stop strings, end of text and limits are applied to its tokens
+afterwards, and the text is published once per call.
+
 Callers get a ``Generation`` handle: ``updates()`` (blocking) or ``aupdates()`` (asyncio) yield the
 latest ``Completion`` snapshot whenever it changed (a slow reader skips intermediate snapshots rather
 than queueing them: text only grows, so the latest says everything), ``cancel()`` ends it whether it
@@ -202,6 +207,7 @@ class Scheduler:
         self._admitting = True
         self._closed = False
         self.steps = 0
+        self._max_greedy_steps = backend.max_greedy_steps()
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -359,6 +365,8 @@ class Scheduler:
                 self._end(job, "cancelled")
             elif job.deadline is not None and now >= job.deadline:
                 self._end(job, "timeout")
+        if self._greedy_steps():
+            return
         budget = lim.max_step_tokens
         for job in self._slots:
             if job is not None and job.state == _DECODE and job.pending is not None:
@@ -390,8 +398,36 @@ class Scheduler:
             job.state = _DECODE
             self._sample(job, logits, i)
 
+    def _greedy_steps(self) -> bool:
+        """Several decode steps in one backend call, when every running request is decoding greedily
+        with nothing between its tokens that needs Python (no constraint, no repeat penalty) and no
+        waiting request could take a free slot. Stop strings, end of text and limits are checked on
+        the tokens afterwards; tokens past a request's end are dropped (their cache cells are never
+        read: attention looks no further than a query's own position). False: run one step instead."""
+        if self._max_greedy_steps < 2:
+            return False
+        jobs = [j for j in self._slots if j is not None]
+        if not jobs or (self._waiting and len(jobs) < len(self._slots)):
+            return False
+        for job in jobs:
+            if (job.state != _DECODE or job.pending is None or job.constraint is not None
+                    or not isinstance(job.sampler, Sampler) or not job.params.greedy
+                    or job.params.repeat_penalty != 1.0):
+                return False
+        # Never past a request's limit: a call ends exactly where the first request's length runs out.
+        steps = min(self._max_greedy_steps, *(self._remaining(j) for j in jobs))
+        if steps < 2:
+            return False
+        rows = [Row(j.slot, (j.pending,), len(j.prompt_ids) + len(j.token_ids) - 1) for j in jobs]
+        picks = self.backend.decode_greedy(rows, steps)
+        self.steps += 1
+        for job, tokens in zip(jobs, picks.tolist()):
+            if all(self._accept(job, token) for token in tokens):
+                self._publish(job)
+        return True
+
     def _sample(self, job: _Job, logits: Any, i: int) -> None:
-        lim, p = self.limits, job.params
+        p = job.params
         remaining = p.max_new_tokens - len(job.token_ids)
         allowed = None
         if job.constraint is not None:
@@ -404,23 +440,34 @@ class Scheduler:
             token = job.sampler.sample(logits, i, allowed, job.token_ids[-PENALTY_LAST_N:])
         else:
             token = job.sampler.sample(logits, i, allowed)
+        if self._accept(job, token):
+            self._publish(job)
+
+    def _accept(self, job: _Job, token: int) -> bool:
+        """Record a sampled token: end the job if it is the last one. True while the job runs on."""
         if job.first_token is None:
             job.first_token = time.perf_counter()
         if job.constraint is not None:
             job.constraint.consume(token)  # end-of-text too: the constraint may want to see it
         if self.backend.is_end(token):
             self._end(job, "stop")
-            return
+            return False
         job.token_ids.append(token)
         job.pending = token
         if job.text.add(self.backend.token_bytes(token)):
             self._end(job, "stop", cut=True)
         elif job.constraint is not None and job.constraint.is_finished():
             self._end(job, "stop")
-        elif len(job.token_ids) >= p.max_new_tokens or len(job.prompt_ids) + len(job.token_ids) >= lim.max_sequence_tokens:
+        elif self._remaining(job) <= 0:
             self._end(job, "length")
         else:
-            self._publish(job)
+            return True
+        return False
+
+    def _remaining(self, job: _Job) -> int:
+        """Tokens the job may still generate (its own limit and the sequence's)."""
+        return min(job.params.max_new_tokens - len(job.token_ids),
+                   self.limits.max_sequence_tokens - len(job.prompt_ids) - len(job.token_ids))
 
     def _end(self, job: _Job, reason: str, cut: bool = False, error: str | None = None) -> None:
         """Finish a job that holds a slot, and free the slot for the next request."""

@@ -137,6 +137,46 @@ def test_seeded_sampling_is_reproducible_alone_and_next_to_other_requests(engine
         n.result(60)
 
 
+class _OneStepPerCall:
+    """A backend lent to a second scheduler with its several-greedy-steps-per-call decoding switched off."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def max_greedy_steps(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def test_greedy_steps_per_call_do_not_change_answers(engine):
+    """A backend that decodes several greedy tokens per call (``decode_greedy``) gives exactly the answers,
+    stop cuts and token counts of one ``forward`` per token."""
+    name, backend, scheduler = engine
+    if backend.max_greedy_steps() < 2:
+        pytest.skip(f"{name}: decodes one step per call")
+    prompts = ["The weather today is", "Once upon a time, far away"]
+    first = run(scheduler, backend, prompts[0], max_new_tokens=21, temperature=0)
+    stop = first.text[len(first.text) // 2:][:2]
+    cases = [(prompts[0], dict(max_new_tokens=21, temperature=0)), (prompts[1], dict(max_new_tokens=13, temperature=0)),
+             (prompts[0], dict(max_new_tokens=21, temperature=0, stop=(stop,)))]
+    one_step = Scheduler(_OneStepPerCall(backend))
+    try:
+        expected = [run(one_step, backend, p, **params) for p, params in cases]
+    finally:
+        one_step.close()
+    before = scheduler.steps
+    got = [run(scheduler, backend, p, **params) for p, params in cases]
+    assert [(c.text, c.completion_tokens, c.finish_reason) for c in got] == \
+        [(c.text, c.completion_tokens, c.finish_reason) for c in expected]
+    assert expected[2].finish_reason == "stop" and expected[0].completion_tokens == 21
+    assert scheduler.steps - before < sum(c.completion_tokens for c in got) / 2
+
+
 def test_cancel_while_running_frees_the_slot(engine):
     name, backend, scheduler = engine
     generation = scheduler.submit(backend.tokenize("Count:"), SamplingParams(max_new_tokens=96, temperature=1.0, seed=3),

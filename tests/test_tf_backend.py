@@ -170,15 +170,26 @@ class _Borrowed:
         pass
 
 
-def _run_all(backend: TFGPT2Backend, requests: list[tuple[str, SamplingParams]], together: bool):
-    """Each request's text and token count: all submitted at once (sharing steps) or one after another."""
-    scheduler = Scheduler(_Borrowed(backend))
+class _OneStep(_Borrowed):
+    """The backend with its several-steps-per-call greedy decoding switched off: one ``forward`` per token."""
+
+    def max_greedy_steps(self) -> int:
+        return 0
+
+
+def _run_all(backend: TFGPT2Backend, requests: list[tuple[str, SamplingParams]], together: bool,
+             one_step: bool = False, steps: list[int] | None = None):
+    """Each request's text and token count: all submitted at once (sharing steps) or one after another.
+    ``steps`` receives how many backend calls the scheduler made."""
+    scheduler = Scheduler(_OneStep(backend) if one_step else _Borrowed(backend))
     try:
         if together:
             handles = [scheduler.submit(backend.tokenize(p), params) for p, params in requests]
             finals = [h.result(timeout=300) for h in handles]
         else:
             finals = [scheduler.submit(backend.tokenize(p), params).result(timeout=300) for p, params in requests]
+        if steps is not None:
+            steps.append(scheduler.steps)
         return [(f.text, f.completion_tokens, f.finish_reason) for f in finals]
     finally:
         scheduler.close()
@@ -199,6 +210,71 @@ def test_requests_decode_the_same_alone_and_next_to_each_other(small: TFGPT2Back
     together = _run_all(small, requests, together=True)
     assert alone == together
     assert len({text for text, _, _ in alone[:3]}) == 3, "prompts should lead to different continuations"
+
+
+@pytest.mark.parametrize("attention", ["batched", "per-row"])
+def test_greedy_steps_in_one_call_are_the_steps_one_at_a_time(small: TFGPT2Backend, attention: str) -> None:
+    """``decode_greedy`` picks exactly the tokens of one ``forward`` + argmax per step, for rows decoding
+    together or alone, across a context window boundary, however the steps are split into calls."""
+    small._graph.per_row_attention = attention == "per-row"
+    small._graph._concrete.clear()
+    window = small.info().details["buckets"]["context_windows"][0]
+    prompts = [small.tokenize(PROMPTS[0]), small.tokenize(PROMPTS[1]),
+               small.tokenize(PROMPTS[2] * 4)[: window - 6]]  # crosses the first window while decoding
+    steps = small.max_greedy_steps()
+    assert steps >= 2
+    n = 2 * steps + 10
+
+    def prefill(slots: list[int]) -> list[int]:
+        out = small.forward([Row(s, tuple(prompts[s]), 0) for s in slots])
+        return [out.argmax(i) for i in range(len(slots))]
+
+    def one_at_a_time(slots: list[int]) -> list[list[int]]:
+        seqs = [[t] for t in prefill(slots)]
+        for _ in range(n - 1):
+            out = small.forward([Row(s, (seq[-1],), len(prompts[s]) + len(seq) - 1) for s, seq in zip(slots, seqs)])
+            for i, seq in enumerate(seqs):
+                seq.append(out.argmax(i))
+        return seqs
+
+    def in_calls(slots: list[int], splits: list[int]) -> list[list[int]]:
+        seqs = [[t] for t in prefill(slots)]
+        for k in splits:
+            picks = small.decode_greedy([Row(s, (seq[-1],), len(prompts[s]) + len(seq) - 1)
+                                         for s, seq in zip(slots, seqs)], k)
+            assert picks.shape == (len(slots), k)
+            for seq, row in zip(seqs, picks.tolist()):
+                seq.extend(row)
+        return seqs
+
+    splits = [1, steps, 3, steps, n - 1 - 4 - 2 * steps]
+    assert min(splits) >= 1 and sum(splits) == n - 1
+    together = one_at_a_time([0, 1, 2])
+    assert len({tuple(seq) for seq in together}) == 3
+    assert in_calls([0, 1, 2], splits) == together
+    assert in_calls([2], splits[::-1]) == one_at_a_time([2]) == [together[2]]
+    with pytest.raises(ValueError, match="do not fit"):
+        small.decode_greedy([Row(0, (1,), small.limits().max_sequence_tokens - 2)], 3)
+    for slot in range(3):
+        small.release(slot)
+
+
+def test_scheduler_decodes_greedy_requests_several_tokens_per_call(small: TFGPT2Backend) -> None:
+    """Greedy requests with nothing to do between tokens run several steps per backend call, and their
+    answers, stop strings and token counts are exactly those of one step per call."""
+    greedy = SamplingParams(max_new_tokens=23, temperature=0.0)
+    requests = [(PROMPTS[0], greedy), (PROMPTS[1], greedy), (PROMPTS[2] * 4, greedy)]
+    reference = _run_all(small, requests, together=False, one_step=True)
+    text = reference[1][0]
+    stop = text[len(text) // 2: len(text) // 2 + 3]  # a stop string that turns up mid-call
+    requests.append((PROMPTS[1], SamplingParams(max_new_tokens=23, temperature=0.0, stop=(stop,))))
+    reference = _run_all(small, requests, together=False, one_step=True)
+    assert reference[3][2] == "stop" and len(reference[3][0]) < len(text)
+    for together in (False, True):
+        calls: list[int] = []
+        assert _run_all(small, requests, together=together, steps=calls) == reference
+        tokens = sum(n for _, n, _ in reference)
+        assert calls[0] < tokens / 2, f"{calls[0]} backend calls for {tokens} tokens: not several per call"
 
 
 def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:
@@ -231,7 +307,7 @@ def test_cache_variables_are_updated_in_place(small: TFGPT2Backend) -> None:
     """XLA aliases every KV cache variable to its updated value, so a step writes only the new cells
     instead of copying the cache (a slot of GPT-2 124M is ~50 MB)."""
     graph = small._graph
-    rows = np.array([[5, 6], [0, 1], [3, 4], [3, 4]], np.int32)  # tokens, slots, positions, cells
+    rows = np.array([[5, 6], [0, 1], [3, 4], [3, 4], [8, 8]], np.int32)  # tokens, slots, positions, cells, steps
     window = small.info().details["buckets"]["context_windows"][0]
     graph.call("decode", rows, window=window)
     hlo = graph.optimized_hlo("decode", rows, window=window)

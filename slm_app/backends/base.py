@@ -10,7 +10,8 @@ What a backend provides is what only it can do:
 * the model: ``forward`` runs one step over several slots at once (decode rows of one token and
   prefill chunks of several) and returns the logits of the rows that asked for them; ``release``
   frees a finished slot's cache;
-* optionally ``native_sampler`` (llama.cpp samples in C) and ``score`` (perplexity);
+* optionally ``native_sampler`` (llama.cpp samples in C), ``score`` (perplexity) and
+  ``decode_greedy`` (several greedy steps in one call, no Python between the tokens);
 * facts: ``info`` (typed ``ModelInfo``), ``limits`` (``SlotLimits``).
 
 A backend that talks to a remote server instead of holding a model is request-level and does not
@@ -206,6 +207,19 @@ class Backend(ABC):
     @abstractmethod
     def forward(self, rows: Sequence[Row]) -> StepLogits:
         """Run one step over ``rows`` (each slot at most once). Returns logits for rows with ``logits``."""
+
+    def max_greedy_steps(self) -> int:
+        """How many greedy steps one ``decode_greedy`` call may run; below 2: it is not offered."""
+        return 0
+
+    def decode_greedy(self, rows: Sequence[Row], steps: int) -> np.ndarray:
+        """Run ``steps`` decode steps over one-token ``rows`` (each slot at most once), feeding each row
+        its own argmax after every step, with no Python in between. Row ``i`` writes positions
+        ``pos .. pos+steps-1`` of its slot. Returns the argmax of every step, int array
+        ``[len(rows), steps]``: token ``j`` of row ``i`` is what ``forward`` then ``StepLogits.argmax``
+        would have picked at step ``j``, bit for bit (the scheduler mixes both paths in one request).
+        Only offered when ``max_greedy_steps() >= 2``."""
+        raise NotImplementedError(f"{type(self).__name__} decodes one step per call")
 
     @abstractmethod
     def release(self, slot: int) -> None:

@@ -6,10 +6,18 @@ small architecture) so that its KV cache can live in ``tf.Variable``s of shape
 at each row's own position (``scatter_nd_update``), and so that a step returns an in-graph argmax
 next to its logits: greedy decoding never copies a vocabulary row to Python.
 
+A decode call is a ``tf.while_loop`` of up to ``DECODE_STEPS`` steps, each feeding every row its own
+argmax (``decode_greedy``); ``forward`` runs the same compiled loop for one step. A call costs
+~0.5 ms of dispatch (Python, TensorFlow, XLA's launch) before any arithmetic, more than a whole
+tiny-gpt2 step, so a greedy stream with nothing to do in Python between its tokens pays it once per
+``DECODE_STEPS`` tokens. A token costs the same loop body however many steps share the call, so
+decoding k at a time and one at a time give the same tokens, bit for bit.
+
 Shapes never change at run time; every shape is compiled at load (``warmup``):
 
 * decode: ``B`` rows of one token each (``B`` from 2 to ``MAX_DECODE_ROWS``) attending to the first
-  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``);
+  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``, enough for the call's last
+  step); the number of steps is an argument, not a shape;
 * prefill: blocks of exactly ``PREFILL_BLOCK`` tokens of one slot, attending to all ``n_ctx`` cells;
   the scheduler's chunks (up to ``limits().max_step_tokens``) run as several blocks.
 
@@ -48,9 +56,11 @@ log = logging.getLogger(__name__)
 PREFILL_BLOCK = 32  # tokens per prefill call (>= 17 rows: the matmul regime that does not depend on row count)
 PREFILL_BLOCKS_PER_STEP = 4  # max_step_tokens = 4 blocks: a long prompt never stalls decoding rows for long
 MAX_DECODE_ROWS = 8  # rows of one decode call; more decoding slots run as several calls
+DECODE_STEPS = 8  # greedy decode steps one call may run (``decode_greedy``)
 # Decode attention windows below n_ctx (n_ctx itself is the last). Few, because each is a compiled
 # shape per row bucket (124M: ~15 s each); a window of 512 instead of 128 costs 124M ~1 ms per row.
 CONTEXT_WINDOWS = (128, 512)
+HEAD_COPY_MAX_BYTES = 16 * 2**20  # a transposed float32 copy of the head below this size; see _GPT2Graph
 BATCHED_ATTENTION_MAX = 2**20  # values in one batched decode attention (rows x window x n_embd); see _GPT2Graph
 
 
@@ -72,7 +82,8 @@ class _TFStepLogits(StepLogits):
         arg, _, j = self._parts[i]
         key = id(arg)
         if key not in self._argmax:
-            self._argmax[key] = arg.numpy()
+            picks = arg.numpy()
+            self._argmax[key] = picks if picks.ndim == 1 else picks[0]  # a decode call: its first (only) step
         return int(self._argmax[key][j])
 
     def row(self, i: int) -> np.ndarray:
@@ -95,6 +106,7 @@ class _GPT2Graph:
         self.head_dim = self.n_embd // self.n_head
         self.n_positions = int(cfg.n_positions)
         self.eps = float(cfg.layer_norm_epsilon)
+        self.vocab = int(cfg.vocab_size)
         self.n_slots, self.n_ctx = n_slots, n_ctx
         # The Keras variables themselves (no copy): float16 on the free tier, cast to float32 in the graph
         # because this CPU has no float16 arithmetic.
@@ -105,6 +117,12 @@ class _GPT2Graph:
                        for b in gpt2.h]
         self.ln_f = (gpt2.ln_f.gamma, gpt2.ln_f.beta)
         self.cache_dtype = self.wte.dtype
+        # GPT-2's head is the transposed token embedding. With a narrow hidden state XLA's matmul against
+        # a transposed operand is slow (tiny-gpt2, n_embd 2: ~150 us of a ~300 us step); a float32 copy
+        # laid out [n_embd, vocab] halves that. Only while the copy is small: a wide model's head is
+        # compute-bound either way, and 124M's copy would be 150 MB.
+        self.head_t = (tf.Variable(tf.transpose(self._f32(self.wte)), trainable=False, name="head_t")
+                       if self.wte.shape[0] * self.wte.shape[1] * 4 <= HEAD_COPY_MAX_BYTES else None)
         shape = [n_slots, n_ctx + 1, self.n_head, self.head_dim]  # cell n_ctx: the bin for padding rows
         self.keys = [tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, name=f"k{i}")
                      for i in range(self.n_layer)]
@@ -175,13 +193,22 @@ class _GPT2Graph:
         probs = tf.nn.softmax(scores, axis=-1)
         return tf.reshape(tf.einsum("bhc,bchd->bhd", probs, self._f32(values)), [-1, self.n_embd])
 
+    def _logits(self, x: Any) -> Any:
+        if self.head_t is not None:
+            return self.tf.matmul(self._ln(x, self.ln_f), self.head_t)
+        return self.tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
+
     def _head(self, x: Any) -> tuple[Any, Any]:
         """Logits (GPT-2's head is the transposed token embedding) and their argmax, in the graph."""
         tf = self.tf
-        logits = tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
-        return tf.argmax(logits, axis=-1, output_type=tf.int32), logits
+        logits = self._logits(x)
+        # argmax as the first index holding the maximum: two plain reductions, which XLA's CPU backend
+        # runs faster than its (index, value) reduction for tf.argmax (measured: ~100 us of tiny's step).
+        top = tf.reduce_max(logits, axis=-1, keepdims=True)
+        first = tf.reduce_min(tf.where(logits == top, tf.range(self.vocab)[None], self.vocab), axis=-1)
+        return tf.minimum(first, self.vocab - 1), logits  # (NaN logits match nothing: stay in the vocabulary)
 
-    def _decode(self, tokens: Any, slots: Any, positions: Any, cells: Any, window: int) -> tuple[Any, Any]:
+    def _decode_step(self, tokens: Any, slots: Any, positions: Any, cells: Any, window: int) -> tuple[Any, Any]:
         """One token for each of B rows: ``cells`` is where each row's keys go (``n_ctx`` for dummies)."""
         tf = self.tf
         x = self._embed(tokens, positions)
@@ -200,6 +227,30 @@ class _GPT2Graph:
                                         tf.gather(self.values[layer][:, :window], slots), positions)
             x = self._mlp_and_residual(x, out, block)
         return self._head(x)
+
+    def _decode(self, rows: Any, window: int) -> tuple[Any, Any]:
+        """``steps`` greedy decode steps of B rows in one call, each step feeding every row its own
+        argmax of the step before. ``rows`` [5, B]: tokens, slots, positions, cells (``n_ctx`` for
+        dummies, which stay in the bin), steps (the same in every column, 1..DECODE_STEPS).
+
+        Returns the argmax of every step [DECODE_STEPS, B] (rows past ``steps`` are zero) and the
+        logits of the last step. One step is one iteration of the same loop body whatever ``steps``
+        is, so a token decoded k at a time is computed exactly as one decoded alone."""
+        tf = self.tf
+        tokens, slots, positions, cells, steps = rows[0], rows[1], rows[2], rows[3], rows[4, 0]
+        in_bin = cells >= self.n_ctx
+        width = tokens.shape[0]
+
+        def body(j: Any, tokens: Any, positions: Any, cells: Any, picks: Any, logits: Any) -> tuple:
+            arg, logits = self._decode_step(tokens, slots, positions, cells, window)
+            picks = tf.tensor_scatter_nd_update(picks, [[j]], arg[None])
+            return j + 1, arg, positions + 1, tf.where(in_bin, cells, cells + 1), picks, logits
+
+        start = (tf.constant(0), tokens, positions, cells, tf.zeros([DECODE_STEPS, width], tf.int32),
+                 tf.zeros([width, self.vocab], tf.float32))
+        _, _, _, _, picks, logits = tf.while_loop(lambda j, *_: j < steps, body, start,
+                                                  maximum_iterations=DECODE_STEPS)
+        return picks, logits
 
     def _block(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
         """Hidden states of a prefill block: ``tokens[:n]`` at positions ``start..``; the rest is padding."""
@@ -225,7 +276,7 @@ class _GPT2Graph:
         """Log-probability of ``targets[i]`` after ``tokens[:i+1]``, for each row of a block."""
         tf = self.tf
         x = self._block(tokens, slot, start, n)
-        logits = tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
+        logits = self._logits(x)
         logprobs = tf.nn.log_softmax(logits, axis=-1)
         return tf.gather(logprobs, targets, axis=1, batch_dims=1)
 
@@ -254,9 +305,9 @@ class _GPT2Graph:
             if window is not None:
                 # A closure, not functools.partial: a keyword left in the signature makes every call fail
                 # tf's structured argument binding first (an exception per step) before the flat call.
-                # One packed [4, B] argument: one tensor conversion and a cheap argument binding per step.
+                # One packed [5, B] argument: one tensor conversion and a cheap argument binding per step.
                 def python_fn(rows: Any) -> Any:
-                    return self._decode(rows[0], rows[1], rows[2], rows[3], window=window)
+                    return self._decode(rows, window=window)
             specs = [tf.TensorSpec(np.shape(a), tf.int32) for a in args]
             # No autograph: the model has no tensor-dependent Python control flow to convert.
             self._functions[key] = tf.function(python_fn, jit_compile=jit, autograph=False)
@@ -350,7 +401,8 @@ class TFGPT2Backend(Backend):
         for rows in self._decode_rows:
             for window in self._windows:
                 dummy = np.zeros(rows, np.int32)
-                g.call("decode", np.stack([dummy + self._eos, dummy, dummy, dummy + self._n_ctx]), window=window)
+                g.call("decode", np.stack([dummy + self._eos, dummy, dummy, dummy + self._n_ctx, dummy + 1]),
+                       window=window)
         self.warmup_s += time.perf_counter() - start
 
     # ---- facts -----------------------------------------------------------------------------
@@ -426,23 +478,9 @@ class TFGPT2Backend(Backend):
         results: dict[int, tuple[Any, Any, int]] = {}
         decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
         prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
-        biggest = self._decode_rows[-1]
-        for lo in range(0, len(decode), biggest):
-            group = decode[lo: lo + biggest]
-            n = _smallest(len(group), self._decode_rows)
-            lead = rows[group[0]]
-            # Dummy rows repeat the first row's slot and write to its bin cell.
-            tokens = np.full(n, lead.tokens[0], np.int32)
-            slots = np.full(n, lead.slot, np.int32)
-            positions = np.full(n, lead.pos, np.int32)
-            cells = np.full(n, self._n_ctx, np.int32)
-            for j, i in enumerate(group):
-                r = rows[i]
-                tokens[j], slots[j], positions[j], cells[j] = r.tokens[0], r.slot, r.pos, r.pos
-            window = _smallest(int(positions.max()) + 1, self._windows)
-            arg, logits = g.call("decode", np.stack([tokens, slots, positions, cells]), window=window)
-            for j, i in enumerate(group):
-                results[i] = (arg, logits, j)
+        for group, picks, logits in self._decode_calls([rows[i] for i in decode], 1):
+            for j, k in enumerate(group):
+                results[decode[k]] = (picks, logits, j)
         for i in prefill:
             r = rows[i]
             out = None
@@ -453,6 +491,48 @@ class TFGPT2Backend(Backend):
                 out = g.call("prefill", block, np.int32(r.slot), np.int32(r.pos + lo), np.int32(len(chunk)))
             results[i] = (out[0], out[1], 0)
         return _TFStepLogits([results[i] for i, r in enumerate(rows) if r.logits])
+
+    def _decode_calls(self, rows: Sequence[Row], steps: int) -> list[tuple[list[int], Any, Any]]:
+        """Run one-token ``rows`` for ``steps`` greedy steps, at most ``MAX_DECODE_ROWS`` rows per call.
+        Per call: the indices of its rows in ``rows``, its argmax of every step [DECODE_STEPS, B] and
+        its last step's logits [B, vocab] (tensors: read only what is needed)."""
+        g = self._graph
+        out = []
+        biggest = self._decode_rows[-1]
+        for lo in range(0, len(rows), biggest):
+            group = list(range(lo, min(lo + biggest, len(rows))))
+            n = _smallest(len(group), self._decode_rows)
+            lead = rows[group[0]]
+            # Dummy rows repeat the first row's slot and token and write to its bin cell.
+            packed = np.empty((5, n), np.int32)
+            packed[0], packed[1], packed[2], packed[3], packed[4] = lead.tokens[0], lead.slot, lead.pos, self._n_ctx, steps
+            for j, i in enumerate(group):
+                r = rows[i]
+                packed[0, j], packed[1, j], packed[2, j], packed[3, j] = r.tokens[0], r.slot, r.pos, r.pos
+            window = _smallest(int(packed[2].max()) + steps, self._windows)
+            picks, logits = g.call("decode", packed, window=window)
+            out.append((group, picks, logits))
+        return out
+
+    def max_greedy_steps(self) -> int:
+        return DECODE_STEPS
+
+    def decode_greedy(self, rows: Sequence[Row], steps: int) -> np.ndarray:
+        g = self._graph
+        if g is None:
+            raise BackendUnavailable("the TensorFlow backend was closed")
+        if not 1 <= steps <= DECODE_STEPS:
+            raise ValueError(f"steps must be 1..{DECODE_STEPS}, not {steps}")
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("each slot may appear at most once in a step")
+        for row in rows:
+            if len(row.tokens) != 1:
+                raise ValueError(f"slot {row.slot}: greedy decoding takes rows of one token")
+            self._check(Row(row.slot, row.tokens, row.pos + steps - 1))  # every step's cell must fit
+        tokens = np.empty((len(rows), steps), np.int64)
+        for group, picks, _ in self._decode_calls(rows, steps):
+            tokens[group] = picks.numpy()[:steps, :len(group)].T
+        return tokens
 
     def release(self, slot: int) -> None:
         # Nothing to clear: a slot's next request overwrites its cells from position 0, and attention
