@@ -70,6 +70,13 @@ class TimedConstraint:
         self.inner.consume(token_id)
         self.clock.mask_s += time.perf_counter() - start
 
+    def forced_tokens(self) -> list[int]:
+        start = time.perf_counter()
+        try:
+            return self.inner.forced_tokens()
+        finally:
+            self.clock.mask_s += time.perf_counter() - start
+
     def is_finished(self) -> bool:
         return self.inner.is_finished()
 

@@ -113,7 +113,7 @@ class _Job:
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the slot's cache
     token_ids: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled, not yet fed to the model
+    pending: list[int] = field(default_factory=list)  # sampled or forced, not yet fed to the model
     sampler: Sampler | NativeSampler | None = None
     text: TextAssembler | None = None
     started: float | None = None
@@ -369,11 +369,12 @@ class Scheduler:
             return
         budget = lim.max_step_tokens
         for job in self._slots:
-            if job is not None and job.state == _DECODE and job.pending is not None:
-                pos = len(job.prompt_ids) + len(job.token_ids) - 1
-                rows.append(Row(job.slot, (job.pending,), pos, True))
+            if job is not None and job.state == _DECODE and job.pending:
+                pos = len(job.prompt_ids) + len(job.token_ids) - len(job.pending)
+                rows.append(Row(job.slot, tuple(job.pending), pos, True))
                 owners.append(job)
-                budget -= 1
+                budget -= len(job.pending)
+                job.pending = []
         # Prefill chunks, oldest request first, within what is left of the step's token budget.
         for job in sorted((j for j in self._slots if j is not None and j.state == _PREFILL), key=lambda j: j.submitted):
             if budget <= 0:
@@ -410,7 +411,7 @@ class Scheduler:
         if not jobs or (self._waiting and len(jobs) < len(self._slots)):
             return False
         for job in jobs:
-            if (job.state != _DECODE or job.pending is None or job.constraint is not None
+            if (job.state != _DECODE or len(job.pending) != 1 or job.constraint is not None
                     or not isinstance(job.sampler, Sampler) or not job.params.greedy
                     or job.params.repeat_penalty != 1.0):
                 return False
@@ -418,11 +419,14 @@ class Scheduler:
         steps = min(self._max_greedy_steps, *(self._remaining(j) for j in jobs))
         if steps < 2:
             return False
-        rows = [Row(j.slot, (j.pending,), len(j.prompt_ids) + len(j.token_ids) - 1) for j in jobs]
+        rows = [Row(j.slot, tuple(j.pending), len(j.prompt_ids) + len(j.token_ids) - 1) for j in jobs]
+        for job in jobs:
+            job.pending = []
         picks = self.backend.decode_greedy(rows, steps)
         self.steps += 1
         for job, tokens in zip(jobs, picks.tolist()):
             if all(self._accept(job, token) for token in tokens):
+                job.pending = job.pending[-1:]  # the call fed every token but its last one
                 self._publish(job)
         return True
 
@@ -440,8 +444,16 @@ class Scheduler:
             token = job.sampler.sample(logits, i, allowed, job.token_ids[-PENALTY_LAST_N:])
         else:
             token = job.sampler.sample(logits, i, allowed)
-        if self._accept(job, token):
-            self._publish(job)
+        if not self._accept(job, token):
+            return
+        if job.constraint is not None:
+            # Forced tokens need no sampling: they are fed with this one in the next step, at most a
+            # quarter of a step's tokens, so decoding rows stay within the step's budget.
+            forced = job.constraint.forced_tokens()[: min(self._remaining(job), self.limits.max_step_tokens // 4)]
+            for token in forced:
+                if not self._accept(job, token):
+                    return
+        self._publish(job)
 
     def _accept(self, job: _Job, token: int) -> bool:
         """Record a sampled token: end the job if it is the last one. True while the job runs on."""
@@ -453,7 +465,7 @@ class Scheduler:
             self._end(job, "stop")
             return False
         job.token_ids.append(token)
-        job.pending = token
+        job.pending.append(token)
         if job.text.add(self.backend.token_bytes(token)):
             self._end(job, "stop", cut=True)
         elif job.constraint is not None and job.constraint.is_finished():

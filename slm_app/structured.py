@@ -919,6 +919,11 @@ class JsonSchemaConstraint:
         self._since += 1
         self._stale |= bool(self._facts.opens[token_id])
 
+    def forced_tokens(self) -> list[int]:
+        if self._matcher.is_stopped() or self._matcher.is_error():
+            return []
+        return self._matcher.compute_ff_tokens()
+
     def is_finished(self) -> bool:
         return self._matcher.is_stopped()  # also true in the error state: stop wasting tokens
 

@@ -51,11 +51,16 @@ def run(scheduler: Scheduler, backend: Backend, prompt: str, **params) -> Comple
 
 
 class ForcedText:
-    """A constraint that allows exactly the tokens of one text, in order, then only end-of-text."""
+    """A constraint that allows exactly the tokens of one text, in order, then only end-of-text.
+    ``fast_forward``: it also says which tokens are forced, so the scheduler feeds them unsampled."""
 
-    def __init__(self, backend: Backend, ids: list[int]):
+    def __init__(self, backend: Backend, ids: list[int], fast_forward: bool = False):
         self.ids, self.width, self.n = ids, backend.vocab_width, 0
         self.seen: list[int] = []
+        self.fast_forward = fast_forward
+
+    def forced_tokens(self) -> list[int]:
+        return list(self.ids[self.n:]) if self.fast_forward else []
 
     def allowed_tokens(self, remaining: int) -> np.ndarray:
         mask = np.zeros(self.width, dtype=bool)
@@ -252,3 +257,30 @@ def _wait_idle(scheduler: Scheduler, timeout: float = 10) -> None:
         time.sleep(0.01)
     assert scheduler.load()["running"] == 0
 
+
+
+def test_forced_tokens_are_fed_unsampled_in_one_step(engine):
+    """A constraint that knows the next tokens (a JSON key, a bracket) gets them appended without
+    sampling and fed to the model as one chunk: same text, fewer model steps."""
+    name, backend, scheduler = engine
+    ids = text_ids(backend, "alpha beta gamma delta epsilon zeta")
+    params = SamplingParams(max_new_tokens=len(ids) + 2, temperature=1.0, seed=3)
+    outs, steps = [], []
+    for fast_forward in (False, True):
+        constraint = ForcedText(backend, ids, fast_forward=fast_forward)
+        before = scheduler.steps
+        outs.append(scheduler.submit(backend.tokenize("Greek:"), params, constraint).result(timeout=60))
+        steps.append(scheduler.steps - before)
+        assert constraint.seen[: len(ids)] == ids
+    assert outs[0].text == outs[1].text == "alpha beta gamma delta epsilon zeta"
+    assert outs[0].completion_tokens == outs[1].completion_tokens == len(ids)
+    assert steps[1] < steps[0] and steps[1] <= 4, steps  # prefill, one sampled token, the rest in one chunk
+    # A request beside it is unaffected: its answer is the one it gets alone.
+    alone = run(scheduler, backend, "Once upon a time", max_new_tokens=12, temperature=0)
+    neighbour = scheduler.submit(backend.tokenize("Once upon a time"), SamplingParams(max_new_tokens=12, temperature=0))
+    forced = scheduler.submit(backend.tokenize("Greek:"), params, ForcedText(backend, ids, fast_forward=True))
+    assert forced.result(timeout=60).text == outs[0].text
+    if BATCH_EXACT[name]:
+        assert neighbour.result(timeout=60).text == alone.text
+    else:
+        neighbour.result(timeout=60)

@@ -309,6 +309,9 @@ class DigitsOnly:
     def is_finished(self) -> bool:
         return len(self.seen) > self.n
 
+    def forced_tokens(self) -> list[int]:
+        return []
+
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_new_tokens=24, temperature=1.0, top_k=50, seed=1)],
                          ids=["greedy", "sampled"])

@@ -62,6 +62,11 @@ class TokenConstraint(Protocol):
     def consume(self, token_id: int) -> None:
         """Record the token that was sampled."""
 
+    def forced_tokens(self) -> list[int]:
+        """Tokens that must come next whatever the model prefers (a key's name, ``":"``...), not yet
+        consumed; empty when the model has a choice. The scheduler appends them without sampling and
+        feeds them to the model in one step (as a prompt chunk), which is faster than one step each."""
+
     def is_finished(self) -> bool:
         """True once the constraint is complete and wants generation to stop."""
 
