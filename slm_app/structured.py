@@ -182,6 +182,21 @@ _REPEATS = (sre_c.MAX_REPEAT, sre_c.MIN_REPEAT)  # possessive repeats never back
 _MANY = 10  # an outer repeat allowing more iterations than this counts as unbounded
 
 
+def _regex_children(op: Any, av: Any) -> list[Any]:
+    """The sub-sequences of one parsed regex node (what a walk over the pattern descends into)."""
+    if op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
+        return [av[2]]
+    if op is sre_c.SUBPATTERN:
+        return [av[3]]
+    if op is sre_c.BRANCH:
+        return list(av[1])
+    if op is sre_c.ATOMIC_GROUP:
+        return [av]
+    if op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
+        return [av[1]]
+    return []
+
+
 def _catastrophic(seq: Any) -> bool:
     """True if an unbounded repeat's body can split the same text in many ways (star height > 1).
 
@@ -190,24 +205,9 @@ def _catastrophic(seq: Any) -> bool:
     Overlapping alternations such as ``(a|aa)+`` are not detected.
     """
     for op, av in seq:
-        if op in _REPEATS:
-            lo, hi, body = av
-            if hi > _MANY and _splits_many_ways(body):
-                return True
-            children = [body]
-        elif op is sre_c.POSSESSIVE_REPEAT:
-            children = [av[2]]
-        elif op is sre_c.SUBPATTERN:
-            children = [av[3]]
-        elif op is sre_c.BRANCH:
-            children = av[1]
-        elif op is sre_c.ATOMIC_GROUP:
-            children = [av]
-        elif op in (sre_c.ASSERT, sre_c.ASSERT_NOT):
-            children = [av[1]]
-        else:
-            continue
-        if any(_catastrophic(child) for child in children):
+        if op in _REPEATS and av[1] > _MANY and _splits_many_ways(av[2]):
+            return True
+        if any(_catastrophic(child) for child in _regex_children(op, av)):
             return True
     return False
 
@@ -397,22 +397,8 @@ def _python_only_regex(regex: str) -> bool:
         return True
 
     def visit(items: Any) -> bool:
-        for op, av in items:
-            if op in _REGEX_ONLY_IN_PYTHON:
-                return True
-            if op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
-                children = [av[2]]
-            elif op is sre_c.SUBPATTERN:
-                children = [av[3]]
-            elif op is sre_c.BRANCH:
-                children = av[1]
-            elif op is sre_c.ATOMIC_GROUP:
-                children = [av]
-            else:
-                continue
-            if any(visit(child) for child in children):
-                return True
-        return False
+        return any(op in _REGEX_ONLY_IN_PYTHON or any(visit(child) for child in _regex_children(op, av))
+                   for op, av in items)
 
     return visit(seq)
 

@@ -17,7 +17,7 @@ import pandas as pd
 from slm_app import ui_chat, ui_evaluate, ui_tools
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
-from slm_app.ui_controls import sampling_controls
+from slm_app.ui_controls import sampling_controls, structured_controls
 
 _CONCURRENCY_ID = "model"  # generate, batch and structured: requests for the scheduler's slots
 
@@ -178,11 +178,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                 s_preset = gr.Dropdown(list(PRESETS), value=first, label="Preset schema")
                 s_schema = gr.Code(json.dumps(PRESETS[first], indent=2), language="json", label="JSON Schema")
                 s_prompt = gr.Textbox(label="Prompt", lines=3, value="Write about CPU inference for small models.")
-                with gr.Row():
-                    s_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
-                                         value=lim.max_structured_tokens, precision=None)
-                    s_temp = gr.Number(label="Temperature", value=0.7, precision=None)
-                    s_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
+                s_tokens, s_temp, s_seed = structured_controls(lim)
                 s_button = gr.Button("Generate JSON", variant="primary")
                 s_status = gr.Markdown()
                 s_out = gr.JSON(label="Result")

@@ -18,3 +18,13 @@ def sampling_controls(lim: TierLimits, tokens: int, temperature: float
         top_p = gr.Number(label="Top-p (0–1]", value=0.95, precision=None)
         seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=None)
     return max_tokens, temp, top_p, seed
+
+
+def structured_controls(lim: TierLimits) -> tuple[gr.Number, gr.Number, gr.Number]:
+    """Max new tokens (the tier's structured cap), temperature and seed, for the Structured tab's modes."""
+    with gr.Row():
+        tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
+                           value=lim.max_structured_tokens, precision=None)
+        temp = gr.Number(label="Temperature", value=0.7, precision=None)
+        seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
+    return tokens, temp, seed

@@ -11,6 +11,7 @@ import gradio as gr
 
 from slm_app import tools
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError, check_text
+from slm_app.ui_controls import structured_controls
 
 EXAMPLE_TOOLS = [
     {"type": "function", "function": {
@@ -129,11 +130,7 @@ def build_function_call_mode(service: GenerationService, model_events: dict[str,
             f_choice = gr.Dropdown(CHOICES + _tool_names(json.dumps(EXAMPLE_TOOLS)), value="auto",
                                    allow_custom_value=True, label="tool_choice (auto, required, none, or a function)")
             f_parallel = gr.Checkbox(value=True, label="Parallel calls allowed")
-        with gr.Row():
-            f_tokens = gr.Number(label=f"Max new tokens (1–{lim.max_structured_tokens})",
-                                 value=lim.max_structured_tokens, precision=None)
-            f_temp = gr.Number(label="Temperature", value=0.7, precision=None)
-            f_seed = gr.Number(label="Seed (-1 = random)", value=0, precision=None)
+        f_tokens, f_temp, f_seed = structured_controls(lim)
         f_button = gr.Button("Call a function", variant="primary")
         f_status = gr.Markdown()
         f_out = gr.JSON(label="Tool calls (or the text answer)", open=True)
