@@ -470,7 +470,7 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         limit = (budget or MAX_SHORTEST) + 1
         hints = _string_hints(schema)
         walk_start = time.perf_counter()
-        shortest, status = walk_to_completion(matcher, tokenizer, limit, hints=hints)
+        shortest, status = walk_to_completion(matcher, tokenizer, limit, hints=hints, seconds=WALK_SECONDS)
         walk_ms = (time.perf_counter() - walk_start) * 1000
         compiled = CompiledSchema(schema=schema, relaxed=mode != "strict", mode=mode,
                                   warnings=tuple(matcher.get_grammar_warnings()), compile_ms=elapsed,
@@ -639,7 +639,12 @@ def _string_hints(schema: dict) -> tuple[bytes, ...]:
 
 # Full-mask look-ups one walk may make (up to a few ms each on big grammars): bounds its cost. While
 # decoding, a walk that failed is retried only after 2, 4, 8... more tokens.
-MAX_WALK_MASKS = 48
+# The compile-time walk may look up this many masks, for at most WALK_SECONDS: big schemas (a cloud
+# service catalogue of 60 required members) need ~200 to find that their smallest instance is longer
+# than the budget (refused with the reason, instead of generated and cut off); a lexer-heavy schema's
+# masks cost ~75 ms each, hence the time bound too.
+MAX_WALK_MASKS = 256
+WALK_SECONDS = 1.0
 DECODE_WALK_MASKS = 12
 
 
@@ -654,7 +659,7 @@ def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLT
 
 def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
-                       hints: Sequence[bytes] = ()) -> tuple[list[int], str]:
+                       hints: Sequence[bytes] = (), seconds: float | None = None) -> tuple[list[int], str]:
     """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
 
     Status "complete": ``tokens`` complete the value. "long": the walk reached ``limit`` tokens
@@ -671,6 +676,7 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     text so far begins one of them (the grammar may have forced a prefix).
     """
     facts = _facts(tokenizer)
+    deadline = None if seconds is None else time.perf_counter() + seconds
     m = matcher.deep_copy()
     path: list[int] = []
     # Inside a string with a format or pattern, a preferred token may be allowed as text forever
@@ -682,6 +688,8 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     while not m.is_accepting():
         if m.is_stopped():
             return path, "stuck"
+        if deadline is not None and time.perf_counter() > deadline:
+            return path, "stuck"  # out of time: unknown
         if len(path) >= limit:  # looping in a string (it repeats itself) or simply long
             return path, "stuck" if pos.in_string and any(n >= 2 for n in recent.values()) else "long"
         forced = m.compute_ff_tokens()
@@ -1218,7 +1226,8 @@ def check_fits(compiled: CompiledSchema, max_new_tokens: int, cap: int) -> None:
         return
     if status == "long" and limit <= cap:  # measure up to the tier's cap, to say what budget would do
         limit = cap + 1
-        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit, hints=compiled.hints)
+        walked, status = walk_to_completion(compiled.new_matcher(), compiled.tokenizer, limit, hints=compiled.hints,
+                                             seconds=WALK_SECONDS)
         if status == "stuck" or status == "complete" and len(walked) <= max_new_tokens:
             return
     example = compiled.tokenizer.decode_str(list(walked[:48]))
