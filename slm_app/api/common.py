@@ -366,17 +366,23 @@ async def generation_steps(service: GenerationService, endpoint: str, prompts: S
         async for snap in generation.aupdates():
             await queue.put((i, snap))
 
+    def check() -> None:
+        if all(s.finish_reason == "timeout" and s.completion_tokens == 0 for s in latest):
+            GenerationService.raise_failure(latest[0])  # 504: the timeout left nothing at all to give
+        for snap in latest:
+            if snap.finish_reason == "error":
+                GenerationService.raise_failure(snap)
+
     tasks = [asyncio.create_task(follow(i, g)) for i, g in enumerate(generations)]
     try:
+        if all(s.done for s in latest):  # over before anyone listened (a remote upstream's instant 429)
+            check()
+            yield list(latest)
         while not all(s.done for s in latest):
             i, latest[i] = await queue.get()
             while not queue.empty():  # coalesce what arrived meanwhile: one step, one yield
                 i, latest[i] = queue.get_nowait()
-            if all(s.finish_reason == "timeout" and s.completion_tokens == 0 for s in latest):
-                GenerationService.raise_failure(latest[0])  # 504: the timeout left nothing at all to give
-            for snap in latest:
-                if snap.finish_reason == "error":
-                    GenerationService.raise_failure(snap)
+            check()
             yield list(latest)
             if request is not None and await request.is_disconnected():
                 return
