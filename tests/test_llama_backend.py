@@ -1,5 +1,6 @@
 """The pro tier's llama.cpp backend on the slot contract, offline, on the real embedded models:
-Gemma 3 270M Q4_K_M (the default, a base model) and SmolLM2-135M-Instruct Q4_1 (a chat model).
+Gemma 3 270M Q4_K_M (a base model with a 262k vocabulary) and SmolLM2-135M-Instruct Q4_1 (the
+offline default, a chat model).
 
 One backend per model is loaded per module and shared, as the app shares one. Greedy decoding keeps
 every expected output a fact of the model rather than of chance.
@@ -57,7 +58,7 @@ def offline():
 def scheduler(offline) -> Scheduler:
     """Gemma under a scheduler, as the app runs it. Tests that call the backend directly do so while
     no request runs: the scheduler's thread touches the model only when it has work."""
-    s = Scheduler(LlamaCppBackend.load(config(PRO.model)))  # the tier's hub model, which cannot be reached
+    s = Scheduler(LlamaCppBackend.load(config("embedded:gemma-3-270m")))
     yield s
     s.close()
 
@@ -93,11 +94,21 @@ def seq_len(backend: LlamaCppBackend, slot: int) -> int:
 # ---------------------------------------------------------------------------------- facts
 
 
-def test_load_falls_back_to_the_embedded_gemma_with_its_terms(gemma):
+def test_the_tiers_hub_model_falls_back_to_the_default_embedded_model(offline):
+    backend = LlamaCppBackend.load(config(PRO.model, n_slots=1, n_ctx=512))  # the hub cannot be reached
+    try:
+        info = backend.info()
+        assert info.source == "offline-fallback" and info.model_id == "embedded:smollm2-135m-instruct"
+        assert "unreachable" in info.reason or "HF_HUB_OFFLINE" in info.reason
+        assert info.license.startswith("Apache-2.0") and info.chat_template is True
+    finally:
+        backend.close()
+
+
+def test_embedded_gemma_shows_its_terms(gemma):
     info = gemma.info()
-    assert info.backend == "llama.cpp" and info.source == "offline-fallback"
+    assert info.backend == "llama.cpp" and info.source == "embedded"
     assert info.model_id == "embedded:gemma-3-270m" and "Gemma 3 270M" in info.name
-    assert "unreachable" in info.reason or "HF_HUB_OFFLINE" in info.reason
     assert "Gemma Terms of Use" in info.license and "ai.google.dev/gemma/terms" in info.license
     assert info.chat_template is False  # the base model has none: raw completion
     assert info.vocab_size == gemma.vocab_width == 262_144 and info.n_ctx == 2048 and info.n_slots == 4
