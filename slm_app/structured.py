@@ -645,15 +645,19 @@ def _string_hints(schema: dict) -> tuple[bytes, ...]:
 # masks cost ~75 ms each, hence the time bound too.
 MAX_WALK_MASKS = 256
 WALK_SECONDS = 1.0
-DECODE_WALK_MASKS = 12
+# 48 (not 12): a schema of 60 members with uuids and enums (GOV.UK's content schemas) needs ~40 look-ups
+# to close from mid-document (~9 ms); the time bound keeps a lexer-heavy grammar's walk (~100 ms a
+# look-up) from stalling every slot's step.
+DECODE_WALK_MASKS = 48
+DECODE_WALK_SECONDS = 0.05
 
 
 def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
                         position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
-                        hints: Sequence[bytes] = ()) -> list[int] | None:
+                        hints: Sequence[bytes] = (), seconds: float | None = None) -> list[int] | None:
     """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
     walk finds none within ``limit`` tokens. See ``walk_to_completion``."""
-    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks, hints)
+    path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks, hints, seconds)
     return path if status == "complete" else None
 
 
@@ -860,7 +864,8 @@ class JsonSchemaConstraint:
             if not m.consume_token(token) or (
                     not m.is_accepting()
                     and shortest_completion(m, self.compiled.tokenizer, limit=remaining - 1, position=position,
-                                            max_masks=DECODE_WALK_MASKS, hints=self.compiled.hints) is None):
+                                            max_masks=DECODE_WALK_MASKS, hints=self.compiled.hints,
+                                            seconds=DECODE_WALK_SECONDS) is None):
                 allowed[token] = False
 
     def _closing_path(self, remaining: int) -> list[int] | None:
@@ -889,7 +894,7 @@ class JsonSchemaConstraint:
             self._walked = True
             self._path = shortest_completion(self._matcher, self.compiled.tokenizer, limit=remaining + 1,
                                              position=self._json, max_masks=DECODE_WALK_MASKS,
-                                             hints=self.compiled.hints)
+                                             hints=self.compiled.hints, seconds=DECODE_WALK_SECONDS)
             if self._path is None:
                 self.overrun = True  # no completion found within the budget: the output may be cut short
                 self._backoff = 2 * self._backoff or 2
