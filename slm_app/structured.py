@@ -637,17 +637,15 @@ def _string_hints(schema: dict) -> tuple[bytes, ...]:
     return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in list(seen)[:_MAX_HINTS])
 
 
-# Full-mask look-ups one walk may make (up to a few ms each on big grammars): bounds its cost. While
-# decoding, a walk that failed is retried only after 2, 4, 8... more tokens.
-# The compile-time walk may look up this many masks, for at most WALK_SECONDS: big schemas (a cloud
-# service catalogue of 60 required members) need ~200 to find that their smallest instance is longer
-# than the budget (refused with the reason, instead of generated and cut off); a lexer-heavy schema's
-# masks cost ~75 ms each, hence the time bound too.
+# Full-mask look-ups one walk may make, and for how long: bounds its cost (a mask costs up to a few ms
+# on big grammars, ~75-350 ms on lexer-heavy ones). While decoding, a walk that failed is retried only
+# after 2, 4, 8... more tokens.
+# Compile time: big schemas (a cloud service catalogue of 60 required members) need ~200 look-ups to
+# find that their smallest instance is longer than the budget (refused with the reason, not cut off).
 MAX_WALK_MASKS = 256
 WALK_SECONDS = 1.0
-# 48 (not 12): a schema of 60 members with uuids and enums (GOV.UK's content schemas) needs ~40 look-ups
-# to close from mid-document (~9 ms); the time bound keeps a lexer-heavy grammar's walk (~100 ms a
-# look-up) from stalling every slot's step.
+# Decoding: GOV.UK's content schemas (60 members with uuids and enums) need ~40 look-ups (~9 ms) to
+# close from mid-document; the time bound keeps a lexer-heavy grammar's walk from stalling every slot.
 DECODE_WALK_MASKS = 48
 DECODE_WALK_SECONDS = 0.05
 
