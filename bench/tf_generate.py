@@ -6,8 +6,9 @@ Each configuration runs in a fresh subprocess so its RSS is its own. Measured, f
 (free tier, float16 and float32) and a randomly initialised GPT-2 124M (standard tier, float32):
 
 * single stream, greedy: ours through the ``Scheduler`` (what the app runs: several greedy steps per
-  backend call, ``decode_greedy``) and through a bare ``forward`` loop (one call per token), vs
-  transformers' ``generate`` eager and XLA-compiled
+  backend call, ``decode_greedy``, when a step is fast) and through a bare ``forward`` loop (one call
+  per token), for 124M also with ``SLM_BATCH_INVARIANT=false``, vs transformers' ``generate`` eager
+  and XLA-compiled
   (``tf.function(model.generate, jit_compile=True)``) on the very same Keras model, prompt and
   token count; rounds interleave ours and XLA generate, medians are quoted;
 * N=3 concurrent requests through the Scheduler vs the same three one after another;
@@ -58,7 +59,7 @@ def worker(cfg: dict) -> dict:
     out: dict = {"rss_import_mb": rss_mb()}
     config = EngineConfig(backend="tensorflow", model=cfg["model"], cache_dir=Path(cfg["cache_dir"]),
                           n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=cfg["warmup"],
-                          **TIERS[cfg["tier"]])
+                          batch_invariant=cfg.get("batch_invariant", True), **TIERS[cfg["tier"]])
     start = time.perf_counter()
     backend = TFGPT2Backend.load(config)
     out["load_s"] = time.perf_counter() - start
@@ -294,7 +295,10 @@ def main() -> None:
         print("building the random 124M GPT-2 (once)...", file=sys.stderr, flush=True)
         big_path = build_model(args.cache_dir, "bench-gpt2-124m-random", 0, GPT2_124M)
         big = dict(common, tier="standard", model=big_path, model_label="GPT-2 124M (random)", n_slots=3)
-        configs += [dict(big, label="124M fp32", float16=False, hf_eager=True)]
+        configs += [dict(big, label="124M fp32", float16=False, hf_eager=True),
+                    # A lone stream without its dummy twin row (the 1-row kernel): SLM_BATCH_INVARIANT=false.
+                    dict(big, label="124M fp32 lone row", model_label="GPT-2 124M (random), `SLM_BATCH_INVARIANT=false`",
+                         float16=False, hf_eager=False, concurrency=False, batch_invariant=False)]
     loads = [os.getloadavg()[0]]
     rows = []
     for cfg in configs:

@@ -22,7 +22,7 @@ from slm_app.backends.tf_gpt2 import PREFILL_BLOCK, TFGPT2Backend
 from slm_app.provisioning.tiny_gpt2 import (TINY_GPT2_ID, build_offline_tiny_gpt2, build_random_gpt2,
                                             configure_tensorflow_env, offline_tiny_gpt2_dir)
 from slm_app.scheduler import Scheduler
-from slm_app.settings import TIER_PROFILES, EngineConfig, Settings, Tier
+from slm_app.settings import TIER_PROFILES, EngineConfig, Settings, Tier, resolve_tier
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived " * 3]
 SMALL = dict(n_embd=16, n_layer=2, n_head=2, vocab_size=50257, n_positions=1024, initializer_range=0.5)
@@ -275,6 +275,34 @@ def test_scheduler_decodes_greedy_requests_several_tokens_per_call(small: TFGPT2
         assert _run_all(small, requests, together=together, steps=calls) == reference
         tokens = sum(n for _, n, _ in reference)
         assert calls[0] < tokens / 2, f"{calls[0]} backend calls for {tokens} tokens: not several per call"
+
+
+def test_batch_invariance_off_runs_a_lone_row_alone(small: TFGPT2Backend, small_dir: Path, cache_dir: Path,
+                                                   monkeypatch) -> None:
+    """``SLM_BATCH_INVARIANT=false``: a lone decoding request runs as one row (no dummy twin), and its
+    logits agree with the batch-invariant ones up to rounding; two requests still share a batch row."""
+    fast = TFGPT2Backend.load(engine_config(small_dir, cache_dir, float16=False, n_slots=3, batch_invariant=False))
+    try:
+        assert fast.info().details["batch_invariant"] is False
+        assert fast.info().details["buckets"]["decode_rows"] == [1, 2, 3]
+        ids = small.tokenize(PROMPTS[1])
+        outs = []
+        for backend in (small, fast):
+            first = backend.forward([Row(0, tuple(ids), 0)])
+            outs.append(backend.forward([Row(0, (first.argmax(0),), len(ids))]).row(0))
+            backend.release(0)
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4 * np.abs(outs[0]).max())
+        widths = {shape[-1][1] for shape in fast.compiled_shapes() if shape[1] == "decode"}
+        assert widths == {1}, f"a lone row ran as {widths}"
+        fast.forward([Row(0, (1,), 0), Row(1, (2,), 0)])
+        assert {shape[-1][1] for shape in fast.compiled_shapes() if shape[1] == "decode"} == {1, 2}
+        defaults = Settings(tier="standard")
+        assert resolve_tier(defaults).engine_config(defaults).batch_invariant is True
+        monkeypatch.setenv("SLM_BATCH_INVARIANT", "false")
+        opted_out = Settings(tier="standard")
+        assert resolve_tier(opted_out).engine_config(opted_out).batch_invariant is False
+    finally:
+        fast.close()
 
 
 def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:

@@ -28,7 +28,9 @@ Why these shapes: a request's greedy output must not depend on its neighbours. M
 CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, and again for 17 to
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
-large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin),
+large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin;
+``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M ~50
+against ~69 ms a token here, where transformers' XLA ``generate``, batch 1, takes ~48),
 decode attention is computed per row, and prefill always runs 32-token blocks over the whole
 slot, so however the scheduler splits a prompt each token sees the same arithmetic.
 """
@@ -349,9 +351,11 @@ class TFGPT2Backend(Backend):
         self._n_ctx = min(self._n_positions, config.max_prompt_tokens + config.max_new_tokens)
         self._n_slots = config.n_slots
         self._windows = [w for w in CONTEXT_WINDOWS if w < self._n_ctx] + [self._n_ctx]
-        # Row buckets: 2 (a lone row gets a dummy twin), powers of two, and the slot count itself.
+        # Row buckets: 2 (a lone row gets a dummy twin), powers of two, and the slot count itself; and 1
+        # when batch invariance is off (a lone row alone: a matrix-vector kernel, faster, other bits).
         top = max(2, min(config.n_slots, MAX_DECODE_ROWS))
-        self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)})
+        self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)}
+                                   | (set() if config.batch_invariant else {1}))
         self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla)
         self._llg: Any = None
         self.load_time_s = 0.0
@@ -416,6 +420,7 @@ class TFGPT2Backend(Backend):
             details={
                 "model_path": str(r.path), "n_params": self._n_params, "dtype": self._dtype,
                 "float16": self._config.float16, "xla": g.xla if g else None,
+                "batch_invariant": self._config.batch_invariant,
                 "xla_note": g.xla_note if g else "closed",
                 "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
                             "prefill_block": PREFILL_BLOCK},
