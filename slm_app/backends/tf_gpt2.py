@@ -29,8 +29,8 @@ CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, a
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
 large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin;
-``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M ~50
-against ~69 ms a token here, where transformers' XLA ``generate``, batch 1, takes ~48),
+``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 39
+against 47 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 35-38),
 decode attention is computed per row, and prefill always runs 32-token blocks over the whole
 slot, so however the scheduler splits a prompt each token sees the same arithmetic.
 """
