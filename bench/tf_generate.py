@@ -6,9 +6,8 @@ Each configuration runs in a fresh subprocess so its RSS is its own. Measured, f
 (free tier, float16 and float32) and a randomly initialised GPT-2 124M (standard tier, float32):
 
 * single stream, greedy: ours through the ``Scheduler`` (what the app runs: several greedy steps per
-  backend call, ``decode_greedy``, when a step is fast) and through a bare ``forward`` loop (one call
-  per token), for 124M also with ``SLM_BATCH_INVARIANT=false``, vs transformers' ``generate`` eager
-  and XLA-compiled
+  backend call, ``decode_greedy``) and through a bare ``forward`` loop (one call per token), for 124M
+  also with ``SLM_BATCH_INVARIANT=false``, vs transformers' ``generate`` eager and XLA-compiled
   (``tf.function(model.generate, jit_compile=True)``) on the very same Keras model, prompt and
   token count; rounds interleave ours and XLA generate, medians are quoted;
 * N=3 concurrent requests through the Scheduler vs the same three one after another;
