@@ -241,6 +241,13 @@ _LADDER = (("strict", {}), ("oneOf as anyOf", {"coerce_one_of": True}), ("lenien
 # The last rung: lenient, and regexes llguidance's (Rust) regex engine cannot express (look-arounds,
 # back-references) left out of the grammar. Those strings are then only checked by the validator.
 _WITHOUT_PATTERNS = "lenient, some patterns unenforced"
+# llguidance cannot merge a recursive definition with sibling keywords (an allOf of it and more, as
+# in the source map schema, whose sections are source maps). Past every other rung, such a reference
+# is left out where it has siblings, one named definition at a time: the grammar is then wider there,
+# and the validator still judges the output against the whole schema.
+_WITHOUT_CIRCULAR = "lenient, recursive references with siblings unenforced"
+_CIRCULAR_ERROR = re.compile(r"circular references with sibling keys are not supported: \S*?(#\S*)")
+_MAX_LOOSENED = 8  # definitions left out, one rung each, before the schema is refused
 # Compile cost is bounded by llguidance's own budgets, not by the schema's length: a 200k-character
 # Kubernetes schema compiles in well under a second, while a small schema with a pathological regex
 # would not. Grammar symbols and regex fuel are llguidance's defaults (500k symbols; 1M fuel, ~20 ms);
@@ -437,6 +444,27 @@ def without_python_only_patterns(node: Any) -> tuple[Any, int]:
     return walk(node), dropped
 
 
+def without_ref_siblings(node: Any, fragment: str) -> Any:
+    """The schema with every ``$ref`` to ``fragment`` ("#/definitions/x") left out where it has
+    siblings: beside other keys, or as a member of an allOf of several."""
+
+    def is_target(n: Any) -> bool:
+        return isinstance(n, dict) and isinstance(n.get("$ref"), str) and n["$ref"].endswith(fragment) \
+            and n["$ref"][:len(n["$ref"]) - len(fragment)].count("#") == 0
+
+    def walk(n: Any) -> Any:
+        if isinstance(n, list):
+            return [walk(item) for item in n]
+        if not isinstance(n, dict):
+            return n
+        out = {k: walk(v) for k, v in n.items() if not (k == "$ref" and len(n) > 1 and is_target(n))}
+        if isinstance(n.get("allOf"), list) and len(n["allOf"]) > 1:
+            out["allOf"] = [{} if is_target(member) and len(member) == 1 else walk(member) for member in n["allOf"]]
+        return out
+
+    return walk(node)
+
+
 def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int | None = None) -> CompiledSchema:
     """Compile for ``tokenizer``, relaxing only if strict compilation is refused. Cached (LRU).
 
@@ -465,6 +493,10 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
         elapsed = (time.perf_counter() - start) * 1000
         if matcher.is_error():
             errors.append(matcher.get_error())
+            circular = _CIRCULAR_ERROR.search(errors[-1])
+            if options.get("lenient") and circular and len(ladder) < len(_LADDER) + 1 + _MAX_LOOSENED:
+                ladder.append((_WITHOUT_CIRCULAR, {"lenient": True},
+                               without_ref_siblings(grammar_schema, circular.group(1))))
             continue
         # Past the budget the walk's exact length no longer matters: the schema cannot fit.
         limit = (budget or MAX_SHORTEST) + 1
@@ -500,11 +532,15 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
 # a schema that cannot fit is refused up front.
 NEAR = 8  # slack (tokens to spare beyond the shortest completion) at which the mask starts narrowing
 TIGHT = 2  # slack at which only the shortest completion's next token is allowed
-RECHECK_EVERY = 8  # far from the end, recompute the shortest completion at least this often
+RECHECK_EVERY = 8  # near the end, recompute the shortest completion at least this often
 VERIFY = 2 * NEAR  # slack at which a choice among a few tokens is checked token by token
 MAX_CHECKED = 16  # "a few"
 FREE_TEXT = 256  # more allowed tokens than this, near the end, is free text (a string's content)
-FAR = 64  # slack beyond which the walk is not rerun at all (one token rarely adds this much)
+# Farther out, recompute it after slack/RECHECK_SHARE tokens: the shortest completion grows with what
+# the model writes (each level of a recursive schema it opens adds its closers and required members),
+# and a walk first rerun only within a fixed distance of the end found it already longer than the
+# budget (the model had nested 40 levels deep). A geometric schedule: ~30 walks over 1,024 tokens.
+RECHECK_SHARE = 8
 # Tried in this order at each step of the walk, before falling back to the full mask: closers first,
 # then "," (allowed only where a required member or item must follow, or as string text), then the
 # shortest values ("1" before "0": years, exclusive minimums and dates refuse 0 more often).
@@ -664,9 +700,11 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
                        hints: Sequence[bytes] = (), seconds: float | None = None) -> tuple[list[int], str]:
     """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
 
-    Status "complete": ``tokens`` complete the value. "long": the walk reached ``limit`` tokens
-    outside any string (the structure itself needs more). "stuck": it found no way on (a string
-    whose pattern it could not satisfy, or too many look-ups).
+    Status "complete": ``tokens`` (at most ``limit``) complete the value. "long": the completion
+    needs more than ``limit`` tokens (the structure itself needs more; ``tokens`` is its first
+    ``limit``). "stuck": it found no way on (a string whose pattern it could not satisfy, or too many
+    look-ups). The walk goes on past ``limit`` (to twice it) and then writes what it found in the
+    tokenizer's own tokens (``_compact``) before it compares.
 
     Each step takes the forced tokens if there are any, else the first preferred token the grammar
     allows (close the string, the array, the object; else the shortest value), else the lowest
@@ -677,6 +715,34 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     contents (closing quote included, ``_string_hints``) tried first inside a string value whose
     text so far begins one of them (the grammar may have forced a prefix).
     """
+    path, status = _walk(matcher, tokenizer, 2 * limit + 16, position, max_masks, hints, seconds)
+    if status == "complete":
+        path = _compact(matcher, tokenizer, path)
+        if len(path) > limit:
+            status = "long"
+    elif status == "long" or len(path) >= limit:
+        path = path[:limit]
+    return path, status
+
+
+def _compact(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, path: list[int]) -> list[int]:
+    """``path``'s text in the tokenizer's own (fewest) tokens, where the grammar takes them.
+
+    The walk writes closers one character at a time wherever a member or item could still follow
+    ("}" then "]", not "}]"): on a recursive schema nested 40 levels deep that is over twice the
+    tokens the model, or the tokenizer, would use, and a walk that long looked like it would not fit.
+    """
+    text = b"".join(_facts(tokenizer).token_bytes[t] for t in path)
+    short = tokenizer.tokenize_bytes(text)
+    if len(short) >= len(path):
+        return path
+    m = matcher.deep_copy()
+    return short if m.consume_tokens(short) and m.is_accepting() else path
+
+
+def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
+          position: "_JsonPosition | None", max_masks: int, hints: Sequence[bytes],
+          seconds: float | None) -> tuple[list[int], str]:
     facts = _facts(tokenizer)
     deadline = None if seconds is None else time.perf_counter() + seconds
     m = matcher.deep_copy()
@@ -737,11 +803,13 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
 
 def _first_fitting(m: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, hints: Sequence[bytes],
                    written: bytes) -> list[int] | None:
-    """Consume the rest of the first hint that begins with ``written`` and that the grammar takes whole."""
-    for text in hints:
-        if not text.startswith(written) or len(text) == len(written):
-            continue
-        hint = tokenizer.tokenize_bytes(text[len(written):])
+    """Consume the rest of the first hint that begins with ``written`` and that the grammar takes whole;
+    else a whole hint after ``written``, where the grammar takes it (JSON Schema's pattern is searched,
+    not anchored: after "2021-01-13 20:30" that the model wrote, a timestamp pattern's example still
+    matches, and the string can close)."""
+    rests = [text[len(written):] for text in hints if text.startswith(written) and len(text) > len(written)]
+    for rest in rests + [text for text in hints if not text.startswith(written)]:
+        hint = tokenizer.tokenize_bytes(rest)
         n = m.try_consume_tokens(hint)
         if n == len(hint) and not m.is_error():
             return hint
@@ -871,7 +939,7 @@ class JsonSchemaConstraint:
         # The walk costs ~0.04 ms a token (GPT-2), a mask lookup more where it must fall back, so it
         # runs only when it may matter: near the end (every step: its next token is needed); within
         # 2*VERIFY tokens of slack after a token that opens something (where the shortest completion
-        # can grow by more than a token); within FAR every RECHECK_EVERY tokens. When the model takes
+        # can grow by more than a token); else after slack/RECHECK_SHARE tokens. When the model takes
         # the walk's own next token, the rest of the walk is still a shortest completion.
         if self._fresh:
             return self._path
@@ -880,7 +948,7 @@ class JsonSchemaConstraint:
         else:
             slack = remaining - self._closing
             walk = (slack <= NEAR + TIGHT or (self._stale and slack <= 2 * VERIFY)
-                    or (self._since >= RECHECK_EVERY and slack <= FAR))
+                    or self._since >= max(RECHECK_EVERY, slack // RECHECK_SHARE))
         if walk and self._path and self._closing is not None and not self._stale:
             # The last walk's completion may still complete from here (text went on inside a string
             # or a number): checking it costs no mask, a new walk may cost many.

@@ -347,6 +347,27 @@ def test_compile_ladder_and_cache(tok) -> None:
     assert m.consume_tokens(tok.tokenize_str('{"host":"a.b","n":1}')) and m.is_accepting()
     assert validate_output('{"host":"http://a","n":1}', lookaround)[1] is not None  # the validator still judges
 
+    # A recursive definition merged with siblings (the source map schema: a section is a source map
+    # plus an offset) is beyond llguidance in any mode; past the ladder, that reference is left out
+    # where it has siblings, and the validator still judges against the whole schema.
+    sourcemap = {"definitions": {"section": {"anyOf": [{"required": ["url"], "properties": {"url": {"type": "string"}}},
+                                                       {"required": ["map"], "properties": {"map": {"$ref": "#"}}}]}},
+                 "type": "object", "required": ["version"],
+                 "properties": {"version": {"type": "integer"},
+                                "sections": {"type": "array", "items": {"allOf": [
+                                    {"$ref": "#/definitions/section"},
+                                    {"type": "object", "properties": {"offset": {"type": "integer"}}}]}}}}
+    with pytest.raises(SchemaError, match="circular references with sibling keys"):
+        _strict_only(sourcemap, tok)
+    loosened = compile_schema(sourcemap, tok)
+    assert (loosened.mode, loosened.relaxed) == ("lenient, recursive references with siblings unenforced", True)
+    m = loosened.new_matcher()
+    assert m.consume_tokens(tok.tokenize_str('{"version":3,"sections":[{"offset":1,"url":"a"}]}')) and m.is_accepting()
+    assert validate_output('{"version":3,"sections":[{"offset":1}]}', sourcemap)[1] is not None
+    # A schema whose error is something else is still refused, with llguidance's reason.
+    with pytest.raises(SchemaError, match="cannot be used for constrained decoding"):
+        compile_schema({"type": "object", "properties": {"a": {"$ref": "#/definitions/missing"}}}, tok)
+
 
 def _strict_only(schema: dict, tok: llguidance.LLTokenizer) -> None:
     """The ladder's rungs without the last one fail on this schema (what the last rung is for)."""
