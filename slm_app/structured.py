@@ -720,9 +720,15 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
         path = _compact(matcher, tokenizer, path)
         if len(path) > limit:
             status = "long"
-    elif status == "long" or len(path) >= limit:
+    elif len(path) > limit and len(tokenizer.tokenize_bytes(_text(tokenizer, path))) > limit:
+        status = "long"  # even what it wrote so far, in the tokenizer's own tokens, is over the limit
+    if status == "long":
         path = path[:limit]
     return path, status
+
+
+def _text(tokenizer: llguidance.LLTokenizer, path: list[int]) -> bytes:
+    return b"".join(_facts(tokenizer).token_bytes[t] for t in path)
 
 
 def _compact(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, path: list[int]) -> list[int]:
@@ -732,8 +738,7 @@ def _compact(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, p
     ("}" then "]", not "}]"): on a recursive schema nested 40 levels deep that is over twice the
     tokens the model, or the tokenizer, would use, and a walk that long looked like it would not fit.
     """
-    text = b"".join(_facts(tokenizer).token_bytes[t] for t in path)
-    short = tokenizer.tokenize_bytes(text)
+    short = tokenizer.tokenize_bytes(_text(tokenizer, path))
     if len(short) >= len(path):
         return path
     m = matcher.deep_copy()

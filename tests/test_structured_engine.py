@@ -459,12 +459,16 @@ def test_generate_structured_success_and_api_shape(backend) -> None:
 
 
 def test_generate_structured_reports_truncation(backend) -> None:
-    # An email the walk cannot build (it loops in the local part), so nothing steers the close:
-    # the random model's output is cut at the budget, and that is reported, never called valid.
+    # With steering off nothing closes the JSON in time: the random model's output is cut at the
+    # budget, and that is reported, never called valid. (With it on, this schema is refused up front:
+    # its smallest instance takes 40-odd tokens.)
     schema = {"type": "object", "properties": {"to": {"type": "string", "format": "email", "minLength": 60}},
               "required": ["to"]}
+    with pytest.raises(SchemaError, match="more than the budget of 8"):
+        generate_structured(backend, "Write", json.dumps(schema), limits=FREE, max_new_tokens=8,
+                            temperature=0.7, seed=0, attempts=2)
     result = generate_structured(backend, "Write", json.dumps(schema), limits=FREE, max_new_tokens=8,
-                                 temperature=0.7, seed=0, attempts=2)
+                                 temperature=0.7, seed=0, attempts=2, steer=False)
     assert not result.success and result.data is None
     assert result.error.startswith("truncated at 8 tokens") and result.raw_text.startswith('{"to":"')
     assert result.tokens == 16 and backend.seeds == [0, 1]
