@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from slm_app.backends.base import BackendUnavailable, Row, SamplingParams
-from slm_app.backends.tf_gpt2 import PREFILL_BLOCK, TFGPT2Backend
+from slm_app.backends.tf_gpt2 import DECODE_STEPS, PREFILL_BLOCK, TFGPT2Backend
 from slm_app.provisioning.tiny_gpt2 import (TINY_GPT2_ID, build_offline_tiny_gpt2, build_random_gpt2,
                                             configure_tensorflow_env, offline_tiny_gpt2_dir)
 from slm_app.scheduler import Scheduler
@@ -313,6 +313,8 @@ def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:
         details = backend.info().details
         assert details["buckets"] == {"decode_rows": [2, 3], "context_windows": [70], "prefill_block": 32}
         assert details["warmup_s"] > 0
+        # Greedy calls are sized at warmup from a measured step (however long: within the compiled loop).
+        assert 2 <= details["greedy_steps_per_call"] == backend.max_greedy_steps() <= DECODE_STEPS
         compiled = backend.compiled_shapes()
         scheduler = Scheduler(_Borrowed(backend))
         try:
@@ -363,8 +365,7 @@ def test_xla_failure_falls_back_to_graphs(tiny_dir: Path, cache_dir: Path) -> No
         def fail(*args):
             raise RuntimeError("XLA cannot compile this")
 
-        block = (PREFILL_BLOCK,)
-        graph._concrete[(True, "prefill", None, block, (), (), ())] = fail
+        graph._concrete[(True, "prefill", None, (PREFILL_BLOCK + 3,))] = fail
         out = backend.forward([Row(0, tuple(backend.tokenize("Still works")), 0)])
         assert 0 <= out.argmax(0) < backend.vocab_width
         details = backend.info().details

@@ -8,9 +8,9 @@ next to its logits: greedy decoding never copies a vocabulary row to Python.
 
 A decode call is a ``tf.while_loop`` of up to ``DECODE_STEPS`` steps, each feeding every row its own
 argmax (``decode_greedy``); ``forward`` runs the same compiled loop for one step. A call costs
-~0.5 ms of dispatch (Python, TensorFlow, XLA's launch) before any arithmetic, more than a whole
-tiny-gpt2 step, so a greedy stream with nothing to do in Python between its tokens pays it once per
-``DECODE_STEPS`` tokens. A token costs the same loop body however many steps share the call, so
+~0.7 ms of dispatch (Python, TensorFlow, XLA's launch) before any arithmetic, six tiny-gpt2 steps,
+so a greedy stream with nothing to do in Python between its tokens pays it once per call, and a
+call runs as many steps as fit in ``CALL_SECONDS`` (measured at warmup). A token costs the same loop body however many steps share the call, so
 decoding k at a time and one at a time give the same tokens, bit for bit.
 
 Shapes never change at run time; every shape is compiled at load (``warmup``):
@@ -58,7 +58,13 @@ log = logging.getLogger(__name__)
 PREFILL_BLOCK = 32  # tokens per prefill call (>= 17 rows: the matmul regime that does not depend on row count)
 PREFILL_BLOCKS_PER_STEP = 4  # max_step_tokens = 4 blocks: a long prompt never stalls decoding rows for long
 MAX_DECODE_ROWS = 8  # rows of one decode call; more decoding slots run as several calls
-DECODE_STEPS = 8  # greedy decode steps one call may run (``decode_greedy``)
+DECODE_STEPS = 32  # most greedy decode steps one call can run (``decode_greedy``): a compiled shape
+# How many of them a call runs is measured at warmup: as many as take about CALL_SECONDS. A call's ~0.7 ms
+# of dispatch is more than 6 tiny-gpt2 steps (~0.11 ms each), so tiny runs 32 a call; GPT-2 124M
+# (~50 ms a step) runs 5, so a stream still gets its tokens, and a new request its slot, within a
+# quarter of a second. Without warmup (tests), GREEDY_STEPS_UNMEASURED.
+CALL_SECONDS = 0.25
+GREEDY_STEPS_UNMEASURED = 8
 # Decode attention windows below n_ctx (n_ctx itself is the last). Few, because each is a compiled
 # shape per row bucket (124M: ~15 s each); a window of 512 instead of 128 costs 124M ~1 ms per row.
 CONTEXT_WINDOWS = (128, 512)
@@ -270,7 +276,11 @@ class _GPT2Graph:
             x = self._mlp_and_residual(x, out, block)
         return x
 
-    def _prefill(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
+    def _prefill(self, packed: Any) -> tuple[Any, Any]:
+        """``packed``: a block's PREFILL_BLOCK tokens, then its slot, start and token count (one
+        argument: each tensor converted for a call costs ~50 us, a quarter of a tiny-gpt2 prefill)."""
+        tokens, slot, start, n = packed[:PREFILL_BLOCK], packed[PREFILL_BLOCK], packed[PREFILL_BLOCK + 1], \
+            packed[PREFILL_BLOCK + 2]
         x = self._block(tokens, slot, start, n)
         return self._head(self.tf.gather(x, [n - 1]))
 
@@ -326,6 +336,10 @@ class _GPT2Graph:
         return self._functions[key].experimental_get_compiler_ir(*tensors)(stage="optimized_hlo")
 
 
+def _prefill_args(block: np.ndarray, slot: int, start: int, n: int) -> np.ndarray:
+    return np.concatenate([block, np.array([slot, start, n], np.int32)])
+
+
 def _smallest(n: int, ladder: Sequence[int]) -> int:
     return next(b for b in ladder if b >= n)
 
@@ -358,6 +372,7 @@ class TFGPT2Backend(Backend):
                                    | (set() if config.batch_invariant else {1}))
         self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla)
         self._llg: Any = None
+        self._greedy_steps = GREEDY_STEPS_UNMEASURED
         self.load_time_s = 0.0
         self.warmup_s = 0.0
 
@@ -400,14 +415,29 @@ class TFGPT2Backend(Backend):
         g = self._graph
         block = np.full(PREFILL_BLOCK, self._eos, np.int32)
         zero = np.int32(0)
-        g.call("prefill", block, zero, zero, np.int32(1))
+        g.call("prefill", _prefill_args(block, 0, 0, 1))
         g.call("score", block, zero, zero, np.int32(1), block)
         for rows in self._decode_rows:
             for window in self._windows:
                 dummy = np.zeros(rows, np.int32)
                 g.call("decode", np.stack([dummy + self._eos, dummy, dummy, dummy + self._n_ctx, dummy + 1]),
                        window=window)
+        self.size_greedy_calls()
         self.warmup_s += time.perf_counter() - start
+
+    def size_greedy_calls(self) -> int:
+        """Set (and return) the steps a greedy call runs: as many as take about CALL_SECONDS (one call
+        of 4 steps of the smallest shape, dispatch included, best of two; in the bin cell, so nothing is
+        written). Part of ``warmup``; a benchmark that skips warmup calls it itself."""
+        dummy = np.zeros(self._decode_rows[0], np.int32)
+        packed = np.stack([dummy + self._eos, dummy, dummy, dummy + self._n_ctx, dummy + 4])
+        best = math.inf
+        for _ in range(2):
+            start = time.perf_counter()
+            self._graph.call("decode", packed, window=self._windows[0])[0].numpy()
+            best = min(best, (time.perf_counter() - start) / 4)
+        self._greedy_steps = int(min(DECODE_STEPS, max(2, CALL_SECONDS // best)))
+        return self._greedy_steps
 
     # ---- facts -----------------------------------------------------------------------------
     def info(self) -> ModelInfo:
@@ -420,7 +450,7 @@ class TFGPT2Backend(Backend):
             details={
                 "model_path": str(r.path), "n_params": self._n_params, "dtype": self._dtype,
                 "float16": self._config.float16, "xla": g.xla if g else None,
-                "batch_invariant": self._config.batch_invariant,
+                "batch_invariant": self._config.batch_invariant, "greedy_steps_per_call": self._greedy_steps,
                 "xla_note": g.xla_note if g else "closed",
                 "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
                             "prefill_block": PREFILL_BLOCK},
@@ -493,7 +523,7 @@ class TFGPT2Backend(Backend):
                 chunk = r.tokens[lo: lo + PREFILL_BLOCK]
                 block = np.full(PREFILL_BLOCK, self._eos, np.int32)
                 block[:len(chunk)] = chunk
-                out = g.call("prefill", block, np.int32(r.slot), np.int32(r.pos + lo), np.int32(len(chunk)))
+                out = g.call("prefill", _prefill_args(block, r.slot, r.pos + lo, len(chunk)))
             results[i] = (out[0], out[1], 0)
         return _TFStepLogits([results[i] for i, r in enumerate(rows) if r.logits])
 
@@ -520,7 +550,7 @@ class TFGPT2Backend(Backend):
         return out
 
     def max_greedy_steps(self) -> int:
-        return DECODE_STEPS
+        return self._greedy_steps
 
     def decode_greedy(self, rows: Sequence[Row], steps: int) -> np.ndarray:
         g = self._graph
