@@ -333,6 +333,39 @@ def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:
         backend.close()
 
 
+def _memory_maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.parametrize("attention", ["batched", "per-row"])
+def test_new_prompts_slots_and_positions_compile_nothing(small: TFGPT2Backend, attention: str) -> None:
+    """XLA compiles a shape once, whatever the values: no input may become a compile-time constant.
+    (One did: the slot indexing the cache, so each call with new values compiled anew, unseen by
+    ``compiled_shapes``; every executable holds memory maps, and after a few thousand calls mmap
+    failed and TensorFlow aborted.) A compilation adds ~100-200 maps; new threads and arenas a few."""
+    before_mode = small._graph.per_row_attention
+    small._graph.per_row_attention = attention == "per-row"
+    small._graph._concrete.clear()
+    try:
+        ids = small.tokenize(PROMPTS[1])
+        small.forward([Row(0, tuple(ids), 0)])  # compiles prefill, then the 2-row decode shape
+        small.forward([Row(0, (ids[-1],), len(ids))])
+        maps = _memory_maps()
+        for i in range(6):
+            slot = i % 3
+            prompt = small.tokenize(PROMPTS[1 + i % 2])[: 2 + i]
+            small.forward([Row(slot, tuple(prompt), 0)])
+            small.forward([Row(slot, (prompt[-1] + i,), len(prompt))])
+            small.decode_greedy([Row(slot, (prompt[-1],), len(prompt) + 1)], 3)
+        assert _memory_maps() - maps < 40, "a call with new values compiled again"
+    finally:
+        small._graph.per_row_attention = before_mode
+        small._graph._concrete.clear()
+        for slot in range(3):
+            small.release(slot)
+
+
 def test_cache_variables_are_updated_in_place(small: TFGPT2Backend) -> None:
     """XLA aliases every KV cache variable to its updated value, so a step writes only the new cells
     instead of copying the cache (a slot of GPT-2 124M is ~50 MB)."""
@@ -365,7 +398,8 @@ def test_xla_failure_falls_back_to_graphs(tiny_dir: Path, cache_dir: Path) -> No
         def fail(*args):
             raise RuntimeError("XLA cannot compile this")
 
-        graph._concrete[(True, "prefill", None, (PREFILL_BLOCK + 3,))] = fail
+        block = (PREFILL_BLOCK,)
+        graph._concrete[(True, "prefill", None, block, (), (), ())] = fail
         out = backend.forward([Row(0, tuple(backend.tokenize("Still works")), 0)])
         assert 0 <= out.argmax(0) < backend.vocab_width
         details = backend.info().details

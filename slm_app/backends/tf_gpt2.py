@@ -227,8 +227,11 @@ class _GPT2Graph:
             self._write(layer, index, k, v)
             if self.per_row_attention:
                 # Per row, so a row's arithmetic does not depend on how many rows share the step.
-                out = tf.concat([self._attend(q[r:r + 1], self.keys[layer][slots[r], :window],
-                                              self.values[layer][slots[r], :window], positions[r:r + 1])
+                # The rows' cells by one gather (``keys[slots[r]]`` would make the slots a compile-time
+                # constant: a compilation for every call, each holding memory maps until mmap failed).
+                keys = tf.gather(self.keys[layer][:, :window], slots)
+                values = tf.gather(self.values[layer][:, :window], slots)
+                out = tf.concat([self._attend(q[r:r + 1], keys[r], values[r], positions[r:r + 1])
                                  for r in range(rows)], axis=0)
             else:
                 out = self._attend_rows(q, tf.gather(self.keys[layer][:, :window], slots),
@@ -271,16 +274,18 @@ class _GPT2Graph:
         for layer, block in enumerate(self.blocks):
             q, k, v = self._qkv(x, block)
             self._write(layer, index, k, v)
-            out = self._attend(q, self.keys[layer][slot, :self.n_ctx], self.values[layer][slot, :self.n_ctx],
-                               positions)
+            # A gather, not ``keys[slot]``: TensorFlow's XLA bridge needs a strided slice's start as a
+            # compile-time constant, so the slot would be part of the compilation key (each slot's first
+            # prompt compiled anew at run time; measured as new memory maps after warm-up).
+            out = self._attend(q, tf.gather(self.keys[layer], slot)[:self.n_ctx],
+                               tf.gather(self.values[layer], slot)[:self.n_ctx], positions)
             x = self._mlp_and_residual(x, out, block)
         return x
 
-    def _prefill(self, packed: Any) -> tuple[Any, Any]:
-        """``packed``: a block's PREFILL_BLOCK tokens, then its slot, start and token count (one
-        argument: each tensor converted for a call costs ~50 us, a quarter of a tiny-gpt2 prefill)."""
-        tokens, slot, start, n = packed[:PREFILL_BLOCK], packed[PREFILL_BLOCK], packed[PREFILL_BLOCK + 1], \
-            packed[PREFILL_BLOCK + 2]
+    def _prefill(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
+        # Four arguments, not one packed tensor: an argument XLA must see as a compile-time constant
+        # is part of the compilation key, and packed with the tokens, every new prompt compiled anew
+        # (~5 memory maps each, until mmap failed after ~70 structured requests).
         x = self._block(tokens, slot, start, n)
         return self._head(self.tf.gather(x, [n - 1]))
 
@@ -334,10 +339,6 @@ class _GPT2Graph:
         key = (True, which, window, *(np.shape(a) for a in args))
         tensors = [self.tf.convert_to_tensor(a, self.tf.int32) for a in args]
         return self._functions[key].experimental_get_compiler_ir(*tensors)(stage="optimized_hlo")
-
-
-def _prefill_args(block: np.ndarray, slot: int, start: int, n: int) -> np.ndarray:
-    return np.concatenate([block, np.array([slot, start, n], np.int32)])
 
 
 def _smallest(n: int, ladder: Sequence[int]) -> int:
@@ -415,7 +416,7 @@ class TFGPT2Backend(Backend):
         g = self._graph
         block = np.full(PREFILL_BLOCK, self._eos, np.int32)
         zero = np.int32(0)
-        g.call("prefill", _prefill_args(block, 0, 0, 1))
+        g.call("prefill", block, zero, zero, np.int32(1))
         g.call("score", block, zero, zero, np.int32(1), block)
         for rows in self._decode_rows:
             for window in self._windows:
@@ -523,7 +524,7 @@ class TFGPT2Backend(Backend):
                 chunk = r.tokens[lo: lo + PREFILL_BLOCK]
                 block = np.full(PREFILL_BLOCK, self._eos, np.int32)
                 block[:len(chunk)] = chunk
-                out = g.call("prefill", _prefill_args(block, r.slot, r.pos + lo, len(chunk)))
+                out = g.call("prefill", block, np.int32(r.slot), np.int32(r.pos + lo), np.int32(len(chunk)))
             results[i] = (out[0], out[1], 0)
         return _TFStepLogits([results[i] for i, r in enumerate(rows) if r.logits])
 
