@@ -342,7 +342,7 @@ def _memory_maps() -> int:
 def test_new_prompts_slots_and_positions_compile_nothing(small: TFGPT2Backend, attention: str) -> None:
     """XLA compiles a shape once, whatever the values: no input may become a compile-time constant.
     (One did: the slot indexing the cache, so each call with new values compiled anew, unseen by
-    ``compiled_shapes``; every executable holds memory maps, and after a few thousand calls mmap
+    ``compiled_shapes``; every executable holds memory maps, and after a few hundred calls mmap
     failed and TensorFlow aborted.) A compilation adds ~100-200 maps; new threads and arenas a few."""
     before_mode = small._graph.per_row_attention
     small._graph.per_row_attention = attention == "per-row"
