@@ -10,8 +10,9 @@ A decode call is a ``tf.while_loop`` of up to ``DECODE_STEPS`` steps, each feedi
 argmax (``decode_greedy``); ``forward`` runs the same compiled loop for one step. A call costs
 ~0.7 ms of dispatch (Python, TensorFlow, XLA's launch) before any arithmetic, six tiny-gpt2 steps,
 so a greedy stream with nothing to do in Python between its tokens pays it once per call, and a
-call runs as many steps as fit in ``CALL_SECONDS`` (measured at warmup). A token costs the same loop body however many steps share the call, so
-decoding k at a time and one at a time give the same tokens, bit for bit.
+call runs as many steps as fit in ``CALL_SECONDS`` (measured at warmup). A token costs the same
+loop body however many steps share the call, so decoding k at a time and one at a time give the
+same tokens, bit for bit.
 
 Shapes never change at run time; every shape is compiled at load (``warmup``):
 
@@ -61,7 +62,7 @@ MAX_DECODE_ROWS = 8  # rows of one decode call; more decoding slots run as sever
 DECODE_STEPS = 32  # most greedy decode steps one call can run (``decode_greedy``): a compiled shape
 # How many of them a call runs is measured at warmup: as many as take about CALL_SECONDS. A call's ~0.7 ms
 # of dispatch is more than 6 tiny-gpt2 steps (~0.11 ms each), so tiny runs 32 a call; GPT-2 124M
-# (~50 ms a step) runs 5, so a stream still gets its tokens, and a new request its slot, within a
+# (~50 ms a step) runs 3-5, so a stream still gets its tokens, and a new request its slot, within a
 # quarter of a second. Without warmup (tests), GREEDY_STEPS_UNMEASURED.
 CALL_SECONDS = 0.25
 GREEDY_STEPS_UNMEASURED = 8
@@ -283,9 +284,6 @@ class _GPT2Graph:
         return x
 
     def _prefill(self, tokens: Any, slot: Any, start: Any, n: Any) -> tuple[Any, Any]:
-        # Four arguments, not one packed tensor: an argument XLA must see as a compile-time constant
-        # is part of the compilation key, and packed with the tokens, every new prompt compiled anew
-        # (~5 memory maps each, until mmap failed after ~70 structured requests).
         x = self._block(tokens, slot, start, n)
         return self._head(self.tf.gather(x, [n - 1]))
 
