@@ -1188,6 +1188,8 @@ def validate_output(text: str, schema: dict) -> tuple[Any, str | None]:
         while (inner := cause.__cause__ or cause.__context__) is not None:
             cause = inner
         return None, f"the schema could not be applied: {cause if isinstance(cause, RemoteRefRefused) else exc}"
+    except RecursionError:  # jsonschema recurses per level: a recursive schema and a model that nests on
+        return None, "the output nests too deeply to be checked against the schema"
     if error is not None:
         return None, f"{error.message} (at {error.json_path})"
     return data, None

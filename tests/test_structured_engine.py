@@ -406,6 +406,17 @@ def test_validate_output_reports_why(text, schema, message) -> None:
     assert data is None and message in error
 
 
+def test_output_too_deep_to_validate_is_an_error_not_a_crash() -> None:
+    # A recursive schema, and output nested as deep as a model steered to close it wrote (SmolLM2 on a
+    # JSONSchemaBench schema): jsonschema recurses per level, past Python's recursion limit.
+    schema = {"$ref": "#/definitions/node",
+              "definitions": {"node": {"type": "object", "properties": {"next": {"$ref": "#/definitions/node"}}}}}
+    depth = 400
+    data, error = validate_output('{"next":' * depth + "{}" + "}" * depth, schema)
+    assert data is None and error == "the output nests too deeply to be checked against the schema"
+    assert validate_output('{"next":{"next":{}}}', schema) == ({"next": {"next": {}}}, None)
+
+
 def test_validate_output_accepts_valid_data() -> None:
     schema = {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"}}}
     assert validate_output('{"when":"2024-02-29T10:00:00.5+01:00"}', schema) == (
