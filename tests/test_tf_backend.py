@@ -294,8 +294,18 @@ def test_batch_invariance_off_runs_a_lone_row_alone(small: TFGPT2Backend, small_
         np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4 * np.abs(outs[0]).max())
         widths = {shape[-1][1] for shape in fast.compiled_shapes() if shape[1] == "decode"}
         assert widths == {1}, f"a lone row ran as {widths}"
+        # The lone row's matrix-vector products read the row-major copies; a batch reads Keras' weights.
+        row_major = {id(block[f"{name}_t"].handle) for block in fast._graph.blocks for name in ("attn", "proj", "fc", "out")}
+        keras = {id(block[name][0].handle) for block in fast._graph.blocks for name in ("attn", "proj", "fc", "out")}
+
+        def reads(rows: int) -> set[int]:
+            fn = next(f for key, f in fast._graph._concrete.items() if key[1] == "decode" and key[-1][1] == rows)
+            return {id(t) for t in fn.captured_inputs}
+
+        assert row_major <= reads(1) and not keras & reads(1)
         fast.forward([Row(0, (1,), 0), Row(1, (2,), 0)])
         assert {shape[-1][1] for shape in fast.compiled_shapes() if shape[1] == "decode"} == {1, 2}
+        assert keras <= reads(2) and not row_major & reads(2)
         defaults = Settings(tier="standard")
         assert resolve_tier(defaults).engine_config(defaults).batch_invariant is True
         monkeypatch.setenv("SLM_BATCH_INVARIANT", "false")

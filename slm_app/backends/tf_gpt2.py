@@ -30,8 +30,8 @@ CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, a
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
 large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin;
-``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 39
-against 47 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 35-38),
+``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 34
+against 73 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 38),
 decode attention is computed per row, and prefill always runs 32-token blocks over the whole
 slot, so however the scheduler splits a prompt each token sees the same arithmetic.
 """
@@ -106,7 +106,7 @@ class _TFStepLogits(StepLogits):
 class _GPT2Graph:
     """GPT-2's forward pass in TensorFlow over the Keras model's own variables, with a slot KV cache."""
 
-    def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool):
+    def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool, row_major_copies: bool = False):
         self.tf = tf
         cfg = model.config
         gpt2 = model.transformer
@@ -143,6 +143,17 @@ class _GPT2Graph:
         self.per_row_attention = MAX_DECODE_ROWS * n_ctx * self.n_embd > BATCHED_ATTENTION_MAX
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
+        # A lone row (batch invariance off) runs as matrix-vector products, and XLA's matrix-vector
+        # kernel is fastest on a row-major [out, in] matrix, each output one contiguous dot product:
+        # GPT-2 124M 40 against 54 ms a step on Keras' [in, out] layout, where transformers' XLA
+        # generate takes 44. Its matmul for 2+ rows is faster on [in, out] (63 against 72 ms a step),
+        # so only the 1-row calls read these float32 copies of the block weights (124M: +340 MB).
+        self.row_major = row_major_copies
+        if row_major_copies:
+            for block in self.blocks:
+                for name in ("attn", "proj", "fc", "out"):
+                    block[f"{name}_t"] = tf.Variable(tf.transpose(self._f32(block[name][0])), trainable=False)
+        self._one_row = False  # tracing a 1-row call (read by _linear)
         self._concrete: dict[tuple, Any] = {}
         self._functions: dict[tuple, Any] = {}
 
@@ -156,8 +167,11 @@ class _GPT2Graph:
         var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
         return (x - mean) * tf.math.rsqrt(var + self.eps) * self._f32(params[0]) + self._f32(params[1])
 
-    def _linear(self, x: Any, params: tuple) -> Any:
-        return self.tf.matmul(x, self._f32(params[0])) + self._f32(params[1])
+    def _linear(self, x: Any, block: dict, name: str) -> Any:
+        weight, bias = block[name]
+        if self._one_row and self.row_major:
+            return self.tf.matmul(x, block[f"{name}_t"], transpose_b=True) + self._f32(bias)
+        return self.tf.matmul(x, self._f32(weight)) + self._f32(bias)
 
     def _gelu(self, x: Any) -> Any:  # GPT-2's "gelu_new" (tanh approximation)
         tf = self.tf
@@ -169,12 +183,12 @@ class _GPT2Graph:
         return self._f32(tf.gather(self.wte, tokens)) + self._f32(tf.gather(self.wpe, positions))
 
     def _mlp_and_residual(self, x: Any, attn_out: Any, block: dict) -> Any:
-        x = x + self._linear(attn_out, block["proj"])
-        return x + self._linear(self._gelu(self._linear(self._ln(x, block["ln2"]), block["fc"])), block["out"])
+        x = x + self._linear(attn_out, block, "proj")
+        return x + self._linear(self._gelu(self._linear(self._ln(x, block["ln2"]), block, "fc")), block, "out")
 
     def _qkv(self, x: Any, block: dict) -> tuple[Any, Any, Any]:
         tf = self.tf
-        qkv = self._linear(self._ln(x, block["ln1"]), block["attn"])
+        qkv = self._linear(self._ln(x, block["ln1"]), block, "attn")
         q, k, v = tf.split(qkv, 3, axis=-1)
         shape = [-1, self.n_head, self.head_dim]
         return tf.reshape(q, shape), tf.reshape(k, shape), tf.reshape(v, shape)
@@ -324,6 +338,7 @@ class _GPT2Graph:
                 def python_fn(rows: Any) -> Any:
                     return self._decode(rows, window=window)
             specs = [tf.TensorSpec(np.shape(a), tf.int32) for a in args]
+            self._one_row = which == "decode" and np.shape(args[0])[1] == 1
             # No autograph: the model has no tensor-dependent Python control flow to convert.
             self._functions[key] = tf.function(python_fn, jit_compile=jit, autograph=False)
             fn = self._concrete[key] = self._functions[key].get_concrete_function(*specs)
@@ -369,7 +384,10 @@ class TFGPT2Backend(Backend):
         top = max(2, min(config.n_slots, MAX_DECODE_ROWS))
         self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)}
                                    | (set() if config.batch_invariant else {1}))
-        self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla)
+        # Copies for lone rows only when they run alone, and not for float16 weights: float32 copies
+        # would cost twice the memory the tier chose float16 to save.
+        self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla,
+                                 row_major_copies=not config.batch_invariant and not config.float16)
         self._llg: Any = None
         self._greedy_steps = GREEDY_STEPS_UNMEASURED
         self.load_time_s = 0.0
