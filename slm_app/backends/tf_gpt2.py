@@ -132,7 +132,10 @@ class _GPT2Graph:
         # compute-bound either way, and 124M's copy would be 150 MB.
         self.head_t = (tf.Variable(tf.transpose(self._f32(self.wte)), trainable=False, name="head_t")
                        if self.wte.shape[0] * self.wte.shape[1] * 4 <= HEAD_COPY_MAX_BYTES else None)
-        shape = [n_slots, n_ctx + 1, self.n_head, self.head_dim]  # cell n_ctx: the bin for padding rows
+        # [slot, head, cell, dim]: attention reads a head's cells as one [cells, dim] matrix, with no
+        # transposed copy (on [slot, cell, head, dim] those copies cost GPT-2 124M ~5 ms a step per
+        # 100 cells of window). Cell n_ctx: the bin for padding rows.
+        shape = [n_slots, self.n_head, n_ctx + 1, self.head_dim]
         self.keys = [tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, name=f"k{i}")
                      for i in range(self.n_layer)]
         self.values = [tf.Variable(tf.zeros(shape, self.cache_dtype), trainable=False, name=f"v{i}")
@@ -194,27 +197,31 @@ class _GPT2Graph:
         return tf.reshape(q, shape), tf.reshape(k, shape), tf.reshape(v, shape)
 
     def _write(self, layer: int, index: Any, k: Any, v: Any) -> None:
-        """Keys and values of some rows into their (slot, cell): in place, no copy of the cache."""
-        self.keys[layer].scatter_nd_update(index, self.tf.cast(k, self.cache_dtype))
-        self.values[layer].scatter_nd_update(index, self.tf.cast(v, self.cache_dtype))
+        """Keys and values [T, H, D] of some rows into their (slot, cell), ``index`` [T, 2]: in place."""
+        tf = self.tf
+        each_head = [1, self.n_head]
+        at = tf.stack([tf.tile(index[:, :1], each_head), tf.tile(tf.range(self.n_head)[None], [tf.shape(index)[0], 1]),
+                       tf.tile(index[:, 1:], each_head)], axis=-1)  # [T, H, 3]: (slot, head, cell)
+        self.keys[layer].scatter_nd_update(at, tf.cast(k, self.cache_dtype))
+        self.values[layer].scatter_nd_update(at, tf.cast(v, self.cache_dtype))
 
     def _attend(self, q: Any, keys: Any, values: Any, query_pos: Any) -> Any:
-        """q [T, H, D] against cells [W, H, D]; cell c is visible to a query at position p if c <= p."""
+        """q [T, H, D] against cells [H, W, D]; cell c is visible to a query at position p if c <= p."""
         tf = self.tf
-        scores = tf.einsum("thd,chd->htc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
-        visible = tf.range(tf.shape(keys)[0])[None, :] <= query_pos[:, None]  # [T, W]
+        scores = tf.einsum("thd,hcd->htc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
+        visible = tf.range(tf.shape(keys)[1])[None, :] <= query_pos[:, None]  # [T, W]
         scores = tf.where(visible[None], scores, tf.constant(-1e9, tf.float32))
         probs = tf.nn.softmax(scores, axis=-1)
-        return tf.reshape(tf.einsum("htc,chd->thd", probs, self._f32(values)), [-1, self.n_embd])
+        return tf.reshape(tf.einsum("htc,hcd->thd", probs, self._f32(values)), [-1, self.n_embd])
 
     def _attend_rows(self, q: Any, keys: Any, values: Any, positions: Any) -> Any:
-        """Decode attention of B rows at once: q [B, H, D] against their own cells [B, W, H, D]."""
+        """Decode attention of B rows at once: q [B, H, D] against their own cells [B, H, W, D]."""
         tf = self.tf
-        scores = tf.einsum("bhd,bchd->bhc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
-        visible = tf.range(tf.shape(keys)[1])[None, :] <= positions[:, None]  # [B, W]
+        scores = tf.einsum("bhd,bhcd->bhc", q, self._f32(keys)) * (1.0 / math.sqrt(self.head_dim))
+        visible = tf.range(tf.shape(keys)[2])[None, :] <= positions[:, None]  # [B, W]
         scores = tf.where(visible[:, None], scores, tf.constant(-1e9, tf.float32))
         probs = tf.nn.softmax(scores, axis=-1)
-        return tf.reshape(tf.einsum("bhc,bchd->bhd", probs, self._f32(values)), [-1, self.n_embd])
+        return tf.reshape(tf.einsum("bhc,bhcd->bhd", probs, self._f32(values)), [-1, self.n_embd])
 
     def _logits(self, x: Any) -> Any:
         if self.head_t is not None:
@@ -244,13 +251,13 @@ class _GPT2Graph:
                 # Per row, so a row's arithmetic does not depend on how many rows share the step.
                 # The rows' cells by one gather (``keys[slots[r]]`` would make the slots a compile-time
                 # constant: a compilation for every call, each holding memory maps until mmap failed).
-                keys = tf.gather(self.keys[layer][:, :window], slots)
-                values = tf.gather(self.values[layer][:, :window], slots)
+                keys = tf.gather(self.keys[layer][:, :, :window], slots)
+                values = tf.gather(self.values[layer][:, :, :window], slots)
                 out = tf.concat([self._attend(q[r:r + 1], keys[r], values[r], positions[r:r + 1])
                                  for r in range(rows)], axis=0)
             else:
-                out = self._attend_rows(q, tf.gather(self.keys[layer][:, :window], slots),
-                                        tf.gather(self.values[layer][:, :window], slots), positions)
+                out = self._attend_rows(q, tf.gather(self.keys[layer][:, :, :window], slots),
+                                        tf.gather(self.values[layer][:, :, :window], slots), positions)
             x = self._mlp_and_residual(x, out, block)
         return self._head(x)
 
@@ -292,8 +299,8 @@ class _GPT2Graph:
             # A gather, not ``keys[slot]``: TensorFlow's XLA bridge needs a strided slice's start as a
             # compile-time constant, so the slot would be part of the compilation key (each slot's first
             # prompt compiled anew at run time; measured as new memory maps after warm-up).
-            out = self._attend(q, tf.gather(self.keys[layer], slot)[:self.n_ctx],
-                               tf.gather(self.values[layer], slot)[:self.n_ctx], positions)
+            out = self._attend(q, tf.gather(self.keys[layer], slot)[:, :self.n_ctx],
+                               tf.gather(self.values[layer], slot)[:, :self.n_ctx], positions)
             x = self._mlp_and_residual(x, out, block)
         return x
 
