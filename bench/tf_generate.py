@@ -198,7 +198,7 @@ class TorchGenerate:
                                       stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.info: dict = self._answer()
 
-    def _answer(self):
+    def _answer(self) -> dict | float:
         line = self._proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the PyTorch worker exited with code {self._proc.wait()} (its stderr is above)")
