@@ -395,7 +395,7 @@ def main() -> None:
 
     tiny_path = build_model(args.cache_dir, "tiny-gpt2-offline", 0, TINY_GPT2_CONFIG)
     common = dict(cache_dir=args.cache_dir, tokens=args.tokens, repeats=args.repeats, hf_repeats=args.hf_repeats,
-                  warmup=args.tier_warmup, concurrency=True, hf_xla=True, torch_python=args.torch_python)
+                  warmup=args.tier_warmup, concurrency=True, hf_xla=True)
     tiny = dict(common, tier="free", model=tiny_path, model_label="tiny-gpt2 (random)", n_slots=4)
     configs = [] if args.skip_tiny else [dict(tiny, label="tiny fp16", float16=True, hf_eager=True),
                                          dict(tiny, label="tiny fp32", float16=False, hf_eager=True)]
@@ -411,7 +411,7 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     rows = []
     for cfg in configs:
-        rows.append(run_worker(cfg))
+        rows.append(run_worker(dict(cfg, torch_python=args.torch_python)))
         loads.append(os.getloadavg()[0])
     mem = []
     if not args.skip_memory:
