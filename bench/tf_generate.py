@@ -1,6 +1,7 @@
 """Benchmark the TensorFlow GPT-2 backend against transformers' own generate, and its slots.
 
     .venv/bin/python bench/tf_generate.py [--repeats 5] [--tokens 32] [--skip-124m] [--tier-warmup]
+                                          [--torch-python /work/torchvenv/bin/python]
 
 Each configuration runs in a fresh subprocess so its RSS is its own. Measured, for tiny-gpt2
 (free tier, float16 and float32) and a randomly initialised GPT-2 124M (standard tier, float32):
@@ -10,12 +11,26 @@ Each configuration runs in a fresh subprocess so its RSS is its own. Measured, f
   also with ``SLM_BATCH_INVARIANT=false``, vs transformers' ``generate`` eager and XLA-compiled
   (``tf.function(model.generate, jit_compile=True)``) on the very same Keras model, prompt and
   token count; rounds interleave ours and XLA generate, medians are quoted;
+* with ``--torch-python``, also PyTorch transformers' ``GPT2LMHeadModel.generate`` (what many users
+  run GPT-2 with): greedy, same prompt token ids and token count, the same GPT-2 config with random
+  weights, float32 (also beside our float16 tiny), ``torch.inference_mode()``, as many threads as
+  TensorFlow's intra-op pool. It runs in a persistent child process under that other Python (this
+  file with ``--torch-worker``), loaded and warmed up once, asked for one generate per round;
 * N=3 concurrent requests through the Scheduler vs the same three one after another;
 * memory: RSS after load and warm-up for 1 and 8 slots, so the cost of one slot is measured, not
   computed (the KV cache's own size is in ``info().details``); for tiny, throughput by slot count.
 
 The 124M model has random weights (real GPT-2 weights are not available offline): fine for speed
 and memory only. Prints a markdown report.
+
+PyTorch is a bench-only baseline and stays out of the project's venv: a full ``torch`` from PyPI
+pulls several GB of CUDA libraries. Its own venv, with the CPU wheel this machine holds for Python
+3.11 (the project's venv is 3.11 too; uv and poetry don't see that wheel, pip does; an unpinned or
+ranged ``torch`` would take a CUDA build)::
+
+    python3.11 -m venv /work/torchvenv
+    /work/torchvenv/bin/pip install torch==2.13.0 transformers==4.57.6   # 1.1 GB, torch 2.13.0+cpu
+    .venv/bin/python bench/tf_generate.py --skip-memory --repeats 3 --torch-python /work/torchvenv/bin/python
 """
 
 from __future__ import annotations
@@ -128,7 +143,15 @@ def worker(cfg: dict) -> dict:
         xla_generate(ids, **kwargs)
         out["hf_xla_compile_s"] = time.perf_counter() - t
 
-    sched, sched_e2e, fwd, hf_xla, conc, seq = [], [], [], [], [], []
+    torch_gen = None
+    if cfg.get("torch_python"):
+        # TensorFlow's intra-op pool: 0 means its default, one thread per core this process may use.
+        threads = tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
+        torch_gen = TorchGenerate(cfg["torch_python"], dict(model=cfg["model"], ids=backend.tokenize(PROMPT),
+                                                            tokens=n, threads=threads))
+        out["torch"] = torch_gen.info
+
+    sched, sched_e2e, fwd, hf_xla, torch_ms, conc, seq = [], [], [], [], [], [], []
     for _ in range(repeats):  # interleaved, so a noisy neighbour slows every contender alike
         a, b = through_scheduler(PROMPT)
         sched.append(a)
@@ -138,12 +161,17 @@ def worker(cfg: dict) -> dict:
             t = time.perf_counter()
             xla_generate(ids, **kwargs)
             hf_xla.append(1e3 * (time.perf_counter() - t) / n)
+        if torch_gen is not None:
+            torch_ms.append(torch_gen.round())
         if cfg["concurrency"]:
             conc.append(concurrent(BATCH))
             seq.append(sequential(BATCH))
     out.update(ms_token=median(sched), ms_token_e2e=median(sched_e2e), ms_token_forward=median(fwd))
     if hf_xla:
         out["hf_xla_ms_token"] = median(hf_xla)
+    if torch_gen is not None:
+        torch_gen.close()
+        out["torch_ms_token"] = median(torch_ms)
     if conc:
         out.update(concurrent_tok_s=median(conc), sequential_tok_s=median(seq),
                    concurrency_ratio=median([c / s for c, s in zip(conc, seq)]))
@@ -158,6 +186,69 @@ def worker(cfg: dict) -> dict:
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     scheduler.close()
     return out
+
+
+class TorchGenerate:
+    """PyTorch transformers' ``generate`` in a persistent child process run by ``python`` (a venv with
+    torch; the project's has none): loads and warms up once, then one timed generate per ``round()``."""
+
+    def __init__(self, python: str, spec: dict) -> None:
+        # stderr is inherited: the parent's captured stderr shows the child's traceback on failure.
+        self._proc = subprocess.Popen([python, __file__, "--torch-worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.info: dict = self._answer()
+
+    def _answer(self) -> dict | float:
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch worker exited with code {self._proc.wait()} (its stderr is above)")
+        return json.loads(line)
+
+    def round(self) -> float:
+        """ms/token of one greedy generate, prefill included."""
+        self._proc.stdin.write("round\n")
+        self._proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        self._proc.stdin.close()  # EOF ends the child's loop
+        self._proc.wait(timeout=60)
+
+
+def torch_worker(spec: dict) -> None:
+    """The child of ``TorchGenerate``, under the torch venv's Python: nothing of the project is imported."""
+    answers, sys.stdout = sys.stdout, sys.stderr  # a stray print from a library cannot garble the protocol
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    # The TF model's own config.json: same sizes, float32 (torch's default), random weights like it.
+    model = GPT2LMHeadModel(GPT2Config.from_pretrained(spec["model"])).eval()
+    ids = torch.tensor([spec["ids"]], dtype=torch.long)
+    n = spec["tokens"]
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=50256)
+
+    def generate_ms() -> float:
+        with torch.inference_mode():
+            t = time.perf_counter()
+            tokens = model.generate(ids, **kwargs).shape[1] - ids.shape[1]
+            elapsed = time.perf_counter() - t
+        if tokens != n:  # e.g. greedy hit end-of-text: ms/token would not compare
+            raise RuntimeError(f"PyTorch generate made {tokens} tokens, not {n}")
+        return 1e3 * elapsed / n
+
+    generate_ms()  # warm-up
+    answers.write(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                              "threads": torch.get_num_threads(), "attention": model.config._attn_implementation})
+                  + "\n")
+    answers.flush()
+    for request in sys.stdin:
+        if request.strip() != "round":
+            raise SystemExit(f"unknown request {request!r}")
+        answers.write(f"{generate_ms()}\n")
+        answers.flush()
 
 
 def memory_worker(cfg: dict) -> dict:
@@ -223,16 +314,26 @@ def report(rows: list[dict], mem: list[dict], args: argparse.Namespace, elapsed:
              f"{' → '.join(f'{x:.1f}' for x in loads)}. Ratios are HF's ms/token over ours "
              f"(>1: ours is faster); HF generate's time includes its prefill, so ours is compared with "
              f"submit-to-last-token.", ""]
+    torch_info = next((r["torch"] for r in rows if "torch" in r), None)
+    if torch_info:
+        lines[0] += (f" PyTorch generate: torch {torch_info['torch']}, transformers {torch_info['transformers']}, "
+                     f"{torch_info['threads']} threads (TensorFlow's intra-op count), {torch_info['attention']} "
+                     f"attention, float32 for every row, same GPT-2 config and prompt ids, random weights, "
+                     f"one round in each of ours.")
     lines += ["### Single stream, ms/token", "",
               "| model | dtype | greedy steps per call | ours: Scheduler, decode | ours: Scheduler, incl. prefill | ours: bare forward loop | "
-              "HF generate XLA | HF generate eager | HF XLA / ours | HF eager / ours |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "HF generate XLA | HF generate eager | HF XLA / ours | HF eager / ours | PyTorch generate | PyTorch / ours |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def ratio(baseline: float | None, ours: float, digits: int) -> str:
+        return f"{fmt(baseline / ours if baseline else None, digits)}×"
+
     for r in rows:
-        xla, eager = r.get("hf_xla_ms_token"), r.get("hf_eager_ms_token")
+        xla, eager, torch = r.get("hf_xla_ms_token"), r.get("hf_eager_ms_token"), r.get("torch_ms_token")
         lines.append(f"| {r['model_label']} | {r['dtype']} | {r['steps_per_call']} | {fmt(r['ms_token'], 2)} | {fmt(r['ms_token_e2e'], 2)} | "
                      f"{fmt(r['ms_token_forward'], 2)} | {fmt(xla, 2)} | {fmt(eager, 2)} | "
-                     f"{fmt(xla / r['ms_token_e2e'] if xla else None, 2)}× | "
-                     f"{fmt(eager / r['ms_token_e2e'] if eager else None, 1)}× |")
+                     f"{ratio(xla, r['ms_token_e2e'], 2)} | {ratio(eager, r['ms_token_e2e'], 1)} | "
+                     f"{fmt(torch, 2)} | {ratio(torch, r['ms_token_e2e'], 2)} |")
     lines += ["", "### 3 concurrent requests through the Scheduler vs the same 3 one after another", "",
               "| model | dtype | slots | concurrent tok/s | sequential tok/s | ratio (median of paired rounds) |",
               "|---|---|---:|---:|---:|---:|"]
@@ -273,9 +374,15 @@ def main() -> None:
     parser.add_argument("--tier-warmup", action="store_true",
                         help="compile every shape of the tier at load, as the app does (124M: minutes)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "slm_app"))
+    parser.add_argument("--torch-python", metavar="PATH",
+                        help="a Python with torch and transformers (see the recipe above): adds PyTorch generate")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torch_worker:
+        torch_worker(json.loads(args.torch_worker))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -304,7 +411,7 @@ def main() -> None:
     loads = [os.getloadavg()[0]]
     rows = []
     for cfg in configs:
-        rows.append(run_worker(cfg))
+        rows.append(run_worker(dict(cfg, torch_python=args.torch_python)))
         loads.append(os.getloadavg()[0])
     mem = []
     if not args.skip_memory:
