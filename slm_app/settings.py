@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     xla: bool = True
     # A lone request runs as a row of a batch (a dummy second row), so an answer never depends on what
     # else is running. False: a lone request runs one row, matrix-vector kernels on row-major copies of
-    # the weights (GPT-2 124M 34 against 73 ms a token in bench/tf_generate.py; float32 models: +340 MB
+    # the weights (GPT-2 124M 32 against 49 ms a token in bench/tf_generate.py; float32 models: +340 MB
     # on 124M), and its logits may differ in the last bits from the same request run in a batch.
     batch_invariant: bool = True
 

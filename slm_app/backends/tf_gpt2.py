@@ -2,7 +2,7 @@
 
 transformers' Keras model is only the weight loader. The forward pass is written here (GPT-2 is a
 small architecture) so that its KV cache can live in ``tf.Variable``s of shape
-``[n_slots, n_ctx + 1, heads, head_dim]`` per layer, written in place inside the compiled functions
+``[n_slots, heads, n_ctx + 1, head_dim]`` per layer, written in place inside the compiled functions
 at each row's own position (``scatter_nd_update``), and so that a step returns an in-graph argmax
 next to its logits: greedy decoding never copies a vocabulary row to Python.
 
@@ -30,8 +30,8 @@ CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, a
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
 large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin;
-``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 34
-against 73 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 38),
+``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 32
+against 49 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 35-40),
 decode attention is computed per row, and prefill always runs 32-token blocks over the whole
 slot, so however the scheduler splits a prompt each token sees the same arithmetic.
 """
