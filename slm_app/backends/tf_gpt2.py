@@ -156,7 +156,6 @@ class _GPT2Graph:
             for block in self.blocks:
                 for name in ("attn", "proj", "fc", "out"):
                     block[f"{name}_t"] = tf.Variable(tf.transpose(self._f32(block[name][0])), trainable=False)
-        self._one_row = False  # tracing a 1-row call (read by _linear)
         self._concrete: dict[tuple, Any] = {}
         self._functions: dict[tuple, Any] = {}
 
@@ -172,7 +171,7 @@ class _GPT2Graph:
 
     def _linear(self, x: Any, block: dict, name: str) -> Any:
         weight, bias = block[name]
-        if self._one_row and self.row_major:
+        if self.row_major and x.shape[0] == 1:  # a lone decode row (prefill blocks have 32)
             return self.tf.matmul(x, block[f"{name}_t"], transpose_b=True) + self._f32(bias)
         return self.tf.matmul(x, self._f32(weight)) + self._f32(bias)
 
@@ -345,7 +344,6 @@ class _GPT2Graph:
                 def python_fn(rows: Any) -> Any:
                     return self._decode(rows, window=window)
             specs = [tf.TensorSpec(np.shape(a), tf.int32) for a in args]
-            self._one_row = which == "decode" and np.shape(args[0])[1] == 1
             # No autograph: the model has no tensor-dependent Python control flow to convert.
             self._functions[key] = tf.function(python_fn, jit_compile=jit, autograph=False)
             fn = self._concrete[key] = self._functions[key].get_concrete_function(*specs)
