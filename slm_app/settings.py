@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     # the weights (GPT-2 124M 32 against 49 ms a token in bench/tf_generate.py; float32 models: +340 MB
     # on 124M), and its logits may differ in the last bits from the same request run in a batch.
     batch_invariant: bool = True
+    # Decode rows of float32 models (n_embd >= 256) use tf_matvec's kernel, compiled at first load:
+    # the same bits for 1 to 8 rows, so a lone request runs alone, weights read once per step.
+    # False: XLA's own matmul (also what happens when there is no C++ compiler).
+    matvec_kernel: bool = True
 
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
@@ -204,6 +208,7 @@ class EngineConfig(BaseModel):
     float16: bool = False
     xla: bool = True
     batch_invariant: bool = True
+    matvec_kernel: bool = True
     warmup: bool = True
     n_ctx: int = 4096
     n_threads: int | None = None
@@ -236,6 +241,7 @@ class ResolvedTier(BaseModel):
             n_slots=self.parallel, max_prompt_tokens=lim.max_prompt_tokens,
             max_new_tokens=max(lim.max_new_tokens, lim.max_structured_tokens),
             float16=self.profile.float16, xla=settings.xla, batch_invariant=settings.batch_invariant,
+            matvec_kernel=settings.matvec_kernel,
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,

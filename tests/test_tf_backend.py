@@ -10,6 +10,10 @@ GPT-2's 0.02, at which a random model ignores its input). Requests go through th
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +30,8 @@ from slm_app.settings import TIER_PROFILES, EngineConfig, Settings, Tier, resolv
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "Once upon a time, in a land far away, there lived " * 3]
 SMALL = dict(n_embd=16, n_layer=2, n_head=2, vocab_size=50257, n_positions=1024, initializer_range=0.5)
+# Wide enough for the decode kernel (tf_matvec, n_embd >= 256), so the same tests hold it to the same rules.
+WIDE = dict(SMALL, n_embd=256, n_head=4)
 
 
 def engine_config(model: str | Path, cache_dir: Path, **overrides) -> EngineConfig:
@@ -57,6 +63,25 @@ def small(small_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
     backend = TFGPT2Backend.load(engine_config(small_dir, cache_dir, float16=False, n_slots=3))
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def wide_dir(tmp_path_factory) -> Path:
+    return build_random_gpt2(tmp_path_factory.mktemp("wide") / "gpt2-wide-random", seed=2, **WIDE)
+
+
+@pytest.fixture(scope="session")
+def wide(wide_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
+    backend = TFGPT2Backend.load(engine_config(wide_dir, cache_dir, float16=False, n_slots=3))
+    assert backend.info().details["matvec_kernel"].startswith("on"), backend.info().details["matvec_kernel"]
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(params=["small", "wide"])
+def model(request) -> TFGPT2Backend:
+    """Each float32 test model: "small" decodes on XLA's matmul, "wide" on the decode kernel."""
+    return request.getfixturevalue(request.param)
 
 
 def _weights(folder: Path) -> dict[str, np.ndarray]:
@@ -131,7 +156,8 @@ def test_unknown_model_is_unavailable_with_reason(tmp_path: Path, monkeypatch) -
     assert not offline_tiny_gpt2_dir(tmp_path).exists(), "only tiny-gpt2 may fall back to the local build"
 
 
-def test_logits_match_transformers_through_chunked_prefill_and_decode(small: TFGPT2Backend) -> None:
+def test_logits_match_transformers_through_chunked_prefill_and_decode(model: TFGPT2Backend) -> None:
+    small = model
     ids = small.tokenize(PROMPTS[2])
     assert len(ids) > PREFILL_BLOCK + 1  # more than one prefill block
     split = 21  # two chunks, the second one starting inside a block
@@ -196,8 +222,9 @@ def _run_all(backend: TFGPT2Backend, requests: list[tuple[str, SamplingParams]],
 
 
 @pytest.mark.parametrize("attention", ["batched", "per-row"])
-def test_requests_decode_the_same_alone_and_next_to_each_other(small: TFGPT2Backend, attention: str) -> None:
+def test_requests_decode_the_same_alone_and_next_to_each_other(model: TFGPT2Backend, attention: str) -> None:
     """Greedy and seeded answers are exactly the same whatever else shares the steps and the slots."""
+    small = model
     small._graph.per_row_attention = attention == "per-row"
     small._graph._concrete.clear()
     greedy = SamplingParams(max_new_tokens=20, temperature=0.0)
@@ -213,9 +240,10 @@ def test_requests_decode_the_same_alone_and_next_to_each_other(small: TFGPT2Back
 
 
 @pytest.mark.parametrize("attention", ["batched", "per-row"])
-def test_greedy_steps_in_one_call_are_the_steps_one_at_a_time(small: TFGPT2Backend, attention: str) -> None:
+def test_greedy_steps_in_one_call_are_the_steps_one_at_a_time(model: TFGPT2Backend, attention: str) -> None:
     """``decode_greedy`` picks exactly the tokens of one ``forward`` + argmax per step, for rows decoding
     together or alone, across a context window boundary, however the steps are split into calls."""
+    small = model
     small._graph.per_row_attention = attention == "per-row"
     small._graph._concrete.clear()
     window = small.info().details["buckets"]["context_windows"][0]
@@ -313,6 +341,67 @@ def test_batch_invariance_off_runs_a_lone_row_alone(small: TFGPT2Backend, small_
         assert resolve_tier(opted_out).engine_config(opted_out).batch_invariant is False
     finally:
         fast.close()
+
+
+def test_decode_kernel_gives_a_lone_row_its_batch_bits(wide: TFGPT2Backend, wide_dir: Path, cache_dir: Path,
+                                                       monkeypatch) -> None:
+    """With the decode kernel a lone decoding request runs as one row, no dummy twin, and its logits
+    are exactly those it gets as any row of a batch; every decode matmul and the head run the kernel.
+    ``SLM_MATVEC_KERNEL=false`` goes back to XLA's matmul (and the twin)."""
+    assert wide.info().details["buckets"]["decode_rows"] == [1, 3]
+    prompts = [wide.tokenize(p) for p in PROMPTS]
+    for slot, ids in enumerate(prompts):
+        wide.forward([Row(slot, tuple(ids), 0, logits=False)])
+    rows = [Row(slot, (ids[-1],), len(ids)) for slot, ids in enumerate(prompts)]
+    alone = [wide.forward([row]).row(0) for row in rows]
+    assert not np.array_equal(alone[0], alone[1])
+    for group in ([0, 1], [2, 0], [1, 2, 0]):
+        out = wide.forward([rows[i] for i in group])
+        for j, i in enumerate(group):
+            assert np.array_equal(out.row(j), alone[i]), f"row {i} in {group} differs from the row alone"
+    widths = {shape[-1][1] for shape in wide.compiled_shapes() if shape[1] == "decode"}
+    assert widths == {1, 3}
+    window = wide.info().details["buckets"]["context_windows"][0]
+    lone = np.array([[rows[0].tokens[0]], [0], [rows[0].pos], [rows[0].pos], [1]], np.int32)
+    hlo = wide._graph.optimized_hlo("decode", lone, window=window)
+    assert hlo.count('custom_call_target="slm_matvec"') == 4 * wide._graph.n_layer + 1  # blocks and head
+    for slot in range(3):
+        wide.release(slot)
+    plain = TFGPT2Backend.load(engine_config(wide_dir, cache_dir, float16=False, n_slots=3, matvec_kernel=False))
+    try:
+        assert plain.info().details["matvec_kernel"] == "off (SLM_MATVEC_KERNEL=false)"
+        assert plain.info().details["buckets"]["decode_rows"] == [2, 3]
+        plain.forward([Row(0, tuple(prompts[0]), 0, logits=False)])
+        np.testing.assert_allclose(plain.forward([rows[0]]).row(0), alone[0], rtol=1e-4,
+                                   atol=1e-4 * np.abs(alone[0]).max())
+    finally:
+        plain.close()
+    monkeypatch.setenv("SLM_MATVEC_KERNEL", "false")
+    opted_out = Settings(tier="standard")
+    assert resolve_tier(opted_out).engine_config(opted_out).matvec_kernel is False
+
+
+def test_without_a_compiler_decoding_uses_xla_matmul(wide_dir: Path, tmp_path: Path) -> None:
+    """No C++ compiler (here: one that fails): the kernel is off, the info says why, requests still run."""
+    script = f"""
+import json, numpy as np
+from slm_app.backends.base import Row
+from slm_app.backends.tf_gpt2 import TFGPT2Backend
+from slm_app.settings import Settings, resolve_tier
+s = Settings(tier="standard", cache_dir={str(tmp_path)!r})
+config = resolve_tier(s).engine_config(s).model_copy(update=dict(model={str(wide_dir)!r}, warmup=False, n_slots=3))
+b = TFGPT2Backend.load(config)
+out = b.forward([Row(0, (464, 2068, 7586), 0)])
+d = b.info().details
+print(json.dumps(dict(kernel=d["matvec_kernel"], rows=d["buckets"]["decode_rows"], token=out.argmax(0))))
+"""
+    env = {**os.environ, "CXX": "false", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kernel"].startswith("off (unavailable (RuntimeError: false failed"), result
+    assert result["rows"] == [2, 3] and 0 <= result["token"] < 50257
+    assert not list((tmp_path / "kernels").glob("*.so")), "a failed build left a library behind"
 
 
 def test_no_compilation_after_warmup(small_dir: Path, cache_dir: Path) -> None:

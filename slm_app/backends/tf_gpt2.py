@@ -48,6 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
+from slm_app.backends import tf_matvec
 from slm_app.backends.gpt2_vocab import gpt2_tokenizer, token_byte_table
 from slm_app.provisioning.hub import ResolvedModel, resolve_hf_model
 from slm_app.provisioning.tiny_gpt2 import (RANDOM_WEIGHTS_KEY, TINY_GPT2_ID, build_offline_tiny_gpt2,
@@ -69,6 +70,9 @@ GREEDY_STEPS_UNMEASURED = 8
 # Decode attention windows below n_ctx (n_ctx itself is the last). Few, because each is a compiled
 # shape per row bucket (124M: ~15 s each); a window of 512 instead of 128 costs 124M ~1 ms per row.
 CONTEXT_WINDOWS = (128, 512)
+# The decode kernel (tf_matvec) for models at least this wide. Narrower ones (tiny-gpt2: 2) are bound by
+# per-op overhead, not by reading weights, and XLA fuses their small matmuls with the ops around them.
+MATVEC_MIN_EMBD = 256
 HEAD_COPY_MAX_BYTES = 16 * 2**20  # a transposed float32 copy of the head below this size; see _GPT2Graph
 BATCHED_ATTENTION_MAX = 2**20  # values in one batched decode attention (rows x window x n_embd); see _GPT2Graph
 
@@ -106,7 +110,8 @@ class _TFStepLogits(StepLogits):
 class _GPT2Graph:
     """GPT-2's forward pass in TensorFlow over the Keras model's own variables, with a slot KV cache."""
 
-    def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool, row_major_copies: bool = False):
+    def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool, row_major_copies: bool = False,
+                 matvec: bool = False):
         self.tf = tf
         cfg = model.config
         gpt2 = model.transformer
@@ -146,13 +151,14 @@ class _GPT2Graph:
         self.per_row_attention = MAX_DECODE_ROWS * n_ctx * self.n_embd > BATCHED_ATTENTION_MAX
         self.xla = xla
         self.xla_note: str | None = None if xla else "off (SLM_XLA=0)"
-        # A lone row (batch invariance off) runs as matrix-vector products, and XLA's matrix-vector
-        # kernel is fastest on a row-major [out, in] matrix, each output one contiguous dot product:
-        # GPT-2 124M 40 against 54 ms a step on Keras' [in, out] layout, where transformers' XLA
-        # generate takes 44. Its matmul for 2+ rows is faster on [in, out] (63 against 72 ms a step),
-        # so only the 1-row calls read these float32 copies of the block weights (124M: +340 MB).
-        self.row_major = row_major_copies
-        if row_major_copies:
+        # Decode rows read float32 row-major [out, in] copies of the block weights (124M: +340 MB), where
+        # each output is one contiguous dot product: the layout of tf_matvec's kernel (``matvec``), and of
+        # XLA's fastest matrix-vector kernel for a lone row when batch invariance is off (GPT-2 124M 40
+        # against 54 ms a step on Keras' [in, out] layout). XLA's matmul for 2+ rows is faster on
+        # [in, out] (63 against 72 ms a step), so without the kernel only 1-row calls read the copies.
+        self.matvec = matvec
+        self.row_major = row_major_copies or matvec
+        if self.row_major:
             for block in self.blocks:
                 for name in ("attn", "proj", "fc", "out"):
                     block[f"{name}_t"] = tf.Variable(tf.transpose(self._f32(block[name][0])), trainable=False)
@@ -169,9 +175,16 @@ class _GPT2Graph:
         var = tf.reduce_mean(tf.square(x - mean), axis=-1, keepdims=True)
         return (x - mean) * tf.math.rsqrt(var + self.eps) * self._f32(params[0]) + self._f32(params[1])
 
+    def _uses_matvec(self, x: Any) -> bool:
+        """Decode rows (prefill blocks have 32) go through the kernel, which only XLA can call. After an
+        XLA failure (graphs without XLA) a lone row runs TensorFlow's own matmul: other bits than in a batch."""
+        return self.matvec and self.xla and x.shape[0] <= MAX_DECODE_ROWS
+
     def _linear(self, x: Any, block: dict, name: str) -> Any:
         weight, bias = block[name]
-        if self.row_major and x.shape[0] == 1:  # a lone decode row (prefill blocks have 32)
+        if self._uses_matvec(x):
+            return tf_matvec.matvec(self.tf, x, block[f"{name}_t"]) + self._f32(bias)
+        if self.row_major and x.shape[0] == 1:  # a lone decode row
             return self.tf.matmul(x, block[f"{name}_t"], transpose_b=True) + self._f32(bias)
         return self.tf.matmul(x, self._f32(weight)) + self._f32(bias)
 
@@ -223,6 +236,8 @@ class _GPT2Graph:
         return tf.reshape(tf.einsum("bhc,bhcd->bhd", probs, self._f32(values)), [-1, self.n_embd])
 
     def _logits(self, x: Any) -> Any:
+        if self._uses_matvec(x):  # the head [vocab, n_embd] is row-major already
+            return tf_matvec.matvec(self.tf, self._ln(x, self.ln_f), self.wte)
         if self.head_t is not None:
             return self.tf.matmul(self._ln(x, self.ln_f), self.head_t)
         return self.tf.matmul(self._ln(x, self.ln_f), self._f32(self.wte), transpose_b=True)
@@ -325,8 +340,12 @@ class _GPT2Graph:
         try:
             return self._run(True, which, args, window)
         except Exception as xla_error:
-            result = self._run(False, which, args, window)  # raises too if the inputs, not XLA, are at fault
-            self.xla = False
+            self.xla = False  # before tracing: graphs without XLA cannot run the decode kernel (_uses_matvec)
+            try:
+                result = self._run(False, which, args, window)
+            except Exception:  # the inputs, not XLA, are at fault
+                self.xla = True
+                raise
             self.xla_note = f"off: XLA compilation failed ({type(xla_error).__name__}: {str(xla_error)[:300]})"
             log.warning("XLA disabled, running TF graphs without it: %s", xla_error)
             return result
@@ -384,19 +403,33 @@ class TFGPT2Backend(Backend):
         self._n_ctx = min(self._n_positions, config.max_prompt_tokens + config.max_new_tokens)
         self._n_slots = config.n_slots
         self._windows = [w for w in CONTEXT_WINDOWS if w < self._n_ctx] + [self._n_ctx]
-        # Row buckets: 2 (a lone row gets a dummy twin), powers of two, and the slot count itself; and 1
-        # when batch invariance is off (a lone row alone: a matrix-vector kernel, faster, other bits).
-        top = max(2, min(config.n_slots, MAX_DECODE_ROWS))
-        self._decode_rows = sorted({2, top, *(b for b in (4, 8) if b < top)}
-                                   | (set() if config.batch_invariant else {1}))
-        # Copies for lone rows only when they run alone, and not for float16 weights: float32 copies
-        # would cost twice the memory the tier chose float16 to save.
+        # The decode kernel: float32 weights (float32 copies would cost twice the memory a float16 tier
+        # chose to save), under XLA, for a model wide enough to gain.
+        self._matvec_note = self._matvec(config, int(cfg.n_embd))
+        matvec = self._matvec_note.startswith("on")
+        # Row buckets: the slot count, 4 and 8 below it, and the smallest: 1 with the kernel (a lone row
+        # gets the bits it gets in any batch); else 2 (XLA's matmul gives 2 to 16 rows the same bits, and
+        # a lone row a dummy twin), and also 1 when batch invariance is off (XLA's faster 1-row kernel).
+        top = min(config.n_slots, MAX_DECODE_ROWS)
+        smallest = {1} if matvec else {2} | (set() if config.batch_invariant else {1})
+        self._decode_rows = sorted(smallest | {max(top, min(smallest))} | {b for b in (4, 8) if b < top})
         self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla,
-                                 row_major_copies=not config.batch_invariant and not config.float16)
+                                 row_major_copies=not config.batch_invariant and not config.float16, matvec=matvec)
         self._llg: Any = None
         self._greedy_steps = GREEDY_STEPS_UNMEASURED
         self.load_time_s = 0.0
         self.warmup_s = 0.0
+
+    def _matvec(self, config: EngineConfig, n_embd: int) -> str:
+        """Whether decode rows use tf_matvec's kernel: "on (...)" or "off (why)"."""
+        if not config.matvec_kernel:
+            return "off (SLM_MATVEC_KERNEL=false)"
+        if config.float16 or not config.xla:
+            return "off (float16 weights)" if config.float16 else "off (SLM_XLA=0)"
+        if n_embd < MATVEC_MIN_EMBD:
+            return f"off (n_embd {n_embd} < {MATVEC_MIN_EMBD}: XLA's fused matmuls are faster)"
+        loaded = tf_matvec.load(self._tf, config.cache_dir)
+        return f"on ({loaded.reason})" if loaded.path else f"off ({loaded.reason})"
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -472,7 +505,8 @@ class TFGPT2Backend(Backend):
             details={
                 "model_path": str(r.path), "n_params": self._n_params, "dtype": self._dtype,
                 "float16": self._config.float16, "xla": g.xla if g else None,
-                "batch_invariant": self._config.batch_invariant, "greedy_steps_per_call": self._greedy_steps,
+                "batch_invariant": self._config.batch_invariant, "matvec_kernel": self._matvec_note if not g or g.xla else "off (XLA off)",
+                "greedy_steps_per_call": self._greedy_steps,
                 "xla_note": g.xla_note if g else "closed",
                 "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
                             "prefill_block": PREFILL_BLOCK},
