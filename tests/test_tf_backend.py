@@ -345,8 +345,8 @@ def test_batch_invariance_off_runs_a_lone_row_alone(small: TFGPT2Backend, small_
 
 def test_decode_kernel_gives_a_lone_row_its_batch_bits(wide: TFGPT2Backend, wide_dir: Path, cache_dir: Path,
                                                        monkeypatch) -> None:
-    """With the decode kernel a lone decoding request runs as one row, no dummy twin, and its logits
-    are exactly those it gets as any row of a batch; every decode matmul and the head run the kernel.
+    """With the decode kernels a lone decoding request runs as one row, no dummy twin, and its logits
+    are exactly those it gets as any row of a batch; every decode matmul, the head and attention run them.
     ``SLM_MATVEC_KERNEL=false`` goes back to XLA's matmul (and the twin)."""
     assert wide.info().details["buckets"]["decode_rows"] == [1, 3]
     prompts = [wide.tokenize(p) for p in PROMPTS]
@@ -365,6 +365,7 @@ def test_decode_kernel_gives_a_lone_row_its_batch_bits(wide: TFGPT2Backend, wide
     lone = np.array([[rows[0].tokens[0]], [0], [rows[0].pos], [rows[0].pos], [1]], np.int32)
     hlo = wide._graph.optimized_hlo("decode", lone, window=window)
     assert hlo.count('custom_call_target="slm_matvec"') == 4 * wide._graph.n_layer + 1  # blocks and head
+    assert hlo.count('custom_call_target="slm_attention"') == wide._graph.n_layer
     for slot in range(3):
         wide.release(slot)
     plain = TFGPT2Backend.load(engine_config(wide_dir, cache_dir, float16=False, n_slots=3, matvec_kernel=False))

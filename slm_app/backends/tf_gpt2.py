@@ -16,9 +16,9 @@ same tokens, bit for bit.
 
 Shapes never change at run time; every shape is compiled at load (``warmup``):
 
-* decode: ``B`` rows of one token each (``B`` from 2 to ``MAX_DECODE_ROWS``) attending to the first
-  ``W`` cells of their slot (``W`` in the context windows up to ``n_ctx``, enough for the call's last
-  step); the number of steps is an argument, not a shape;
+* decode: ``B`` rows of one token each (``B`` up to ``MAX_DECODE_ROWS``; from 1 with the decode
+  kernel, else from 2) attending to the first ``W`` cells of their slot (``W`` in the context windows
+  up to ``n_ctx``, enough for the call's last step); the number of steps is an argument, not a shape;
 * prefill: blocks of exactly ``PREFILL_BLOCK`` tokens of one slot, attending to all ``n_ctx`` cells;
   the scheduler's chunks (up to ``limits().max_step_tokens``) run as several blocks.
 
@@ -29,11 +29,13 @@ Why these shapes: a request's greedy output must not depend on its neighbours. M
 CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, and again for 17 to
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
-large (4 rows x 704 cells). Hence: decode always runs >= 2 rows (a lone row gets a dummy twin;
-``SLM_BATCH_INVARIANT=false`` gives up that guarantee for the faster 1-row kernel: GPT-2 124M 32
-against 49 ms a token in bench/tf_generate.py, where transformers' XLA ``generate`` takes 35-40),
-decode attention is computed per row, and prefill always runs 32-token blocks over the whole
-slot, so however the scheduler splits a prompt each token sees the same arithmetic.
+large (4 rows x 704 cells). Hence: decode matmuls of float32 models at least MATVEC_MIN_EMBD wide
+run tf_matvec's kernel, whose bits do not depend on the row count, so a lone row runs alone (GPT-2
+124M: 24 against 38 ms a step with a twin, same process); without it (float16, narrow models, no
+compiler, ``SLM_MATVEC_KERNEL=false``) decode runs >= 2 rows, a lone row beside a dummy twin
+(``SLM_BATCH_INVARIANT=false`` gives up that guarantee for XLA's faster 1-row kernel); decode
+attention is computed per row, and prefill always runs 32-token blocks over the whole slot, so
+however the scheduler splits a prompt each token sees the same arithmetic.
 """
 
 from __future__ import annotations
@@ -261,7 +263,12 @@ class _GPT2Graph:
         for layer, block in enumerate(self.blocks):
             q, k, v = self._qkv(x, block)
             self._write(layer, index, k, v)
-            if self.per_row_attention:
+            if self._uses_matvec(x):
+                # The kernel reads each row's cells in place: no gathered copy of the windows, and
+                # the same bits for any row count and window (GPT-2 124M, 3 rows: 31 against 36 ms a step).
+                out = tf.reshape(tf_matvec.attention(tf, q, self.keys[layer], self.values[layer], slots, positions),
+                                 [-1, self.n_embd])
+            elif self.per_row_attention:
                 # Per row, so a row's arithmetic does not depend on how many rows share the step.
                 # The rows' cells by one gather (``keys[slots[r]]`` would make the slots a compile-time
                 # constant: a compilation for every call, each holding memory maps until mmap failed).

@@ -12,12 +12,14 @@
 // Built at first use by tf_matvec.py with -march=native (the bits are fixed per machine, which is all
 // the invariance needs) and registered with XLA's CPU custom-call registry.
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdio>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "xla/service/custom_call_target_registry.h"
 
@@ -88,31 +90,39 @@ void rows(const float* x, const float* w, float* out, int B, int K, int N, int n
   }
 }
 
-// One helper thread takes the second half of the weight rows: one thread alone does not reach the
-// memory bandwidth of this 2-core machine (GPT-2 124M's matrices: 37 ms a step alone, 20 with help;
-// XLA's own matrix-vector kernel uses both cores too). It spins briefly between calls (the calls of a
-// step come close together), then sleeps.
+inline void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// One helper thread takes the second half of the work: one thread alone does not reach the memory
+// bandwidth of this 2-core machine (GPT-2 124M's matrices: 37 ms a step alone, 20 with help; XLA's
+// own matrix-vector kernel uses both cores too). It spins briefly between calls (the calls of a step
+// come close together), then sleeps. Which half a thread computes never changes an output's bits.
+typedef void (*Part)(const void* args, int half);  // half 0: the caller's, half 1: the helper's
+
 struct Helper {
   std::mutex busy;  // one caller at a time; a second one computes alone
   std::mutex mu;
   std::condition_variable cv;
   std::atomic<int> job{0}, done{0};
-  const float* x = nullptr;
-  const float* w = nullptr;
-  float* out = nullptr;
-  int B = 0, K = 0, N = 0, n0 = 0, n1 = 0;
+  Part part = nullptr;
+  const void* args = nullptr;
 
   Helper() { std::thread([this] { loop(); }).detach(); }
   void loop() {
     int seen = 0;
     for (;;) {
-      for (int spin = 0; spin < 4000 && job.load(std::memory_order_acquire) == seen; ++spin) __builtin_ia32_pause();
+      for (int spin = 0; spin < 4000 && job.load(std::memory_order_acquire) == seen; ++spin) relax();
       if (job.load(std::memory_order_acquire) == seen) {
         std::unique_lock<std::mutex> lock(mu);
         cv.wait(lock, [&] { return job.load(std::memory_order_acquire) != seen; });
       }
       seen = job.load(std::memory_order_acquire);
-      rows(x, w, out, B, K, N, n0, n1);
+      part(args, 1);
       done.store(seen, std::memory_order_release);
     }
   }
@@ -125,37 +135,130 @@ Helper* helper() {
   return h;
 }
 
-void matvec(const float* x, const float* w, float* out, int B, int K, int N) {
-  if (g_threads.load() < 2 || N < 2 * kBlockRows) return rows(x, w, out, B, K, N, 0, N);
+// Runs part(args, 0) here and part(args, 1) on the helper; both here if the work is small, there is
+// one core, or another caller has the helper.
+void split(Part part, const void* args, bool worth_it) {
+  std::unique_lock<std::mutex> use;
+  if (worth_it && g_threads.load() >= 2) use = std::unique_lock<std::mutex>(helper()->busy, std::try_to_lock);
+  if (!use.owns_lock()) {
+    part(args, 0);
+    part(args, 1);
+    return;
+  }
   Helper* h = helper();
-  std::unique_lock<std::mutex> use(h->busy, std::try_to_lock);
-  if (!use.owns_lock()) return rows(x, w, out, B, K, N, 0, N);
-  const int mid = N / 2;
-  h->x = x; h->w = w; h->out = out; h->B = B; h->K = K; h->N = N; h->n0 = mid; h->n1 = N;
+  h->part = part;
+  h->args = args;
   const int id = h->job.load() + 1;
   {
     std::lock_guard<std::mutex> lock(h->mu);
     h->job.store(id, std::memory_order_release);
   }
   h->cv.notify_one();
-  rows(x, w, out, B, K, N, 0, mid);
-  while (h->done.load(std::memory_order_acquire) != id) __builtin_ia32_pause();
+  part(args, 0);
+  while (h->done.load(std::memory_order_acquire) != id) relax();
+}
+
+struct MatvecArgs {
+  const float* x;
+  const float* w;
+  float* out;
+  int B, K, N;
+};
+
+void matvec_half(const void* p, int half) {
+  const MatvecArgs& a = *static_cast<const MatvecArgs*>(p);
+  const int mid = a.N / 2;
+  if (half == 0) rows(a.x, a.w, a.out, a.B, a.K, a.N, 0, mid);
+  else rows(a.x, a.w, a.out, a.B, a.K, a.N, mid, a.N);
+}
+
+// Decode attention of B rows, one (row, head) at a time, straight from the KV cache [S, H, C, D]:
+// scores of cells 0..pos (no window, no mask: the cells a query may see are the only ones read, so the
+// bits depend on neither the row count nor the compiled window), softmax, weighted sum of values.
+struct AttentionArgs {
+  const float* q;       // [B, H, D]
+  const float* keys;    // [S, H, C, D]
+  const float* values;  // [S, H, C, D]
+  const int* slots;     // [B]
+  const int* positions; // [B]
+  float* out;           // [B, H, D]
+  float* scratch;       // [B, H, C]
+  int B, H, D, S, C;
+};
+
+void attend(const AttentionArgs& a, int task) {
+  const int b = task / a.H, h = task % a.H, D = a.D;
+  const int slot = a.slots[b] < 0 ? 0 : (a.slots[b] >= a.S ? a.S - 1 : a.slots[b]);
+  const int last = a.positions[b] < 0 ? 0 : (a.positions[b] >= a.C ? a.C - 1 : a.positions[b]);
+  const size_t head = (static_cast<size_t>(slot) * a.H + h) * a.C;
+  const float* q = a.q + static_cast<size_t>(task) * D;
+  float* score = a.scratch + static_cast<size_t>(task) * a.C;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int dv = D - D % kLanes;
+  float top = -INFINITY;
+  for (int c = 0; c <= last; ++c) {
+    const float* k = a.keys + (head + c) * D;
+    v16 acc = {};
+    for (int d = 0; d < dv; d += kLanes) acc += load(k + d) * load(q + d);
+    score[c] = finish(acc, k, q, dv, D) * scale;
+    top = score[c] > top ? score[c] : top;
+  }
+  float total = 0.f;
+  for (int c = 0; c <= last; ++c) {
+    score[c] = std::exp(score[c] - top);
+    total += score[c];
+  }
+  float* o = a.out + static_cast<size_t>(task) * D;
+  for (int d = 0; d < D; ++d) o[d] = 0.f;
+  for (int c = 0; c <= last; ++c) {
+    const float p = score[c] / total;
+    const float* v = a.values + (head + c) * D;
+    for (int d = 0; d < D; ++d) o[d] += p * v[d];
+  }
+}
+
+void attention_half(const void* p, int half) {
+  const AttentionArgs& a = *static_cast<const AttentionArgs*>(p);
+  const int tasks = a.B * a.H, mid = tasks / 2;
+  for (int t = half == 0 ? 0 : mid; t < (half == 0 ? mid : tasks); ++t) attend(a, t);
 }
 
 }  // namespace
 
 // XLA's CPU custom-call ABI (API_VERSION_STATUS_RETURNING_UNIFIED, what TensorFlow's XlaCustomCallV2
-// emits): in[0] is x [B, K], in[1] is w [N, K]; the opaque string is "B K N", written by tf_matvec.py
-// from the static shapes it traced.
-extern "C" __attribute__((visibility("default"))) void slm_matvec(void* out, const void** in, const char* opaque, size_t opaque_len, void* /*status*/) {
+// emits): inputs in order, one output buffer, and an opaque string of sizes written by tf_matvec.py from
+// the static shapes it traced.
+
+// in: x [B, K], w [N, K]; opaque "B K N"; out [B, N].
+extern "C" __attribute__((visibility("default"))) void slm_matvec(void* out, const void** in, const char* opaque,
+                                                                  size_t opaque_len, void* /*status*/) {
   int B = 0, K = 0, N = 0;
-  const std::string shape(opaque, opaque_len);
-  if (std::sscanf(shape.c_str(), "%d %d %d", &B, &K, &N) != 3) return;
-  matvec(static_cast<const float*>(in[0]), static_cast<const float*>(in[1]), static_cast<float*>(out), B, K, N);
+  const std::string sizes(opaque, opaque_len);
+  if (std::sscanf(sizes.c_str(), "%d %d %d", &B, &K, &N) != 3) return;
+  const MatvecArgs args{static_cast<const float*>(in[0]), static_cast<const float*>(in[1]), static_cast<float*>(out),
+                        B, K, N};
+  split(matvec_half, &args, N >= 2 * kBlockRows);
+}
+
+// in: q [B, H, D], keys and values [S, H, C, D], slots [B], positions [B]; opaque "B H D S C"; out [B, H, D].
+extern "C" __attribute__((visibility("default"))) void slm_attention(void* out, const void** in, const char* opaque,
+                                                                     size_t opaque_len, void* /*status*/) {
+  int B = 0, H = 0, D = 0, S = 0, C = 0;
+  const std::string sizes(opaque, opaque_len);
+  if (std::sscanf(sizes.c_str(), "%d %d %d %d %d", &B, &H, &D, &S, &C) != 5) return;
+  std::vector<float> scratch(static_cast<size_t>(B) * H * C);
+  const AttentionArgs args{static_cast<const float*>(in[0]), static_cast<const float*>(in[1]),
+                           static_cast<const float*>(in[2]), static_cast<const int*>(in[3]),
+                           static_cast<const int*>(in[4]), static_cast<float*>(out), scratch.data(), B, H, D, S, C};
+  long cells = 0;  // the work: cells read over all rows and heads
+  for (int b = 0; b < B; ++b) cells += static_cast<long>(args.positions[b] + 1) * H;
+  split(attention_half, &args, cells * D >= 64 * 1024);
 }
 
 extern "C" __attribute__((visibility("default"))) int slm_matvec_register(int threads) {
   g_threads.store(threads);
-  xla::CustomCallTargetRegistry::Global()->Register("slm_matvec", reinterpret_cast<void*>(&slm_matvec), "Host");
+  auto* registry = xla::CustomCallTargetRegistry::Global();
+  registry->Register("slm_matvec", reinterpret_cast<void*>(&slm_matvec), "Host");
+  registry->Register("slm_attention", reinterpret_cast<void*>(&slm_attention), "Host");
   return 1;
 }

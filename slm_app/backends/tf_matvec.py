@@ -109,3 +109,16 @@ def matvec(tf: Any, x: Any, weight: Any) -> Any:
     return gen_xla_ops.xla_custom_call_v2(
         [x, weight], call_target_name=TARGET, backend_config=f"{rows} {k} {n}", has_side_effect=False,
         result_dtypes=[tf.float32], result_shapes=[[rows, n]])[0]
+
+
+def attention(tf: Any, q: Any, keys: Any, values: Any, slots: Any, positions: Any) -> Any:
+    """Decode attention of B rows, q [B, H, D], each against its own slot's cells 0..position of the KV
+    cache [S, H, C, D] (float32), read in place; returns [B, H, D]."""
+    from tensorflow.compiler.tf2xla.ops import gen_xla_ops
+
+    rows, heads, dim = (int(n) for n in q.shape)
+    n_slots, n_cells = int(keys.shape[0]), int(keys.shape[2])
+    return gen_xla_ops.xla_custom_call_v2(
+        [q, keys, values, slots, positions], call_target_name="slm_attention",
+        backend_config=f"{rows} {heads} {dim} {n_slots} {n_cells}", has_side_effect=False,
+        result_dtypes=[tf.float32], result_shapes=[[rows, heads, dim]])[0]
