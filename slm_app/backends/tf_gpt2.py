@@ -30,8 +30,8 @@ CPU (XLA, float32): a matmul row gives bit-identical results for 2 to 16 rows, a
 512 rows, but a 1-row matmul (a matrix-vector kernel) differs from both; prefill attention changes
 with the number of query rows and the window; batched decode attention changes once the batch is
 large (4 rows x 704 cells). Hence: decode matmuls of float32 models at least MATVEC_MIN_EMBD wide
-run tf_matvec's kernel, whose bits do not depend on the row count, so a lone row runs alone (GPT-2
-124M: 24 against 38 ms a step with a twin, same process); without it (float16, narrow models, no
+run tf_matvec's kernels, whose bits do not depend on the row count, so a lone row runs alone (GPT-2
+124M: 19.5 against 38 ms a step with a twin on XLA's matmul); without them (float16, narrow models, no
 compiler, ``SLM_MATVEC_KERNEL=false``) decode runs >= 2 rows, a lone row beside a dummy twin
 (``SLM_BATCH_INVARIANT=false`` gives up that guarantee for XLA's faster 1-row kernel); decode
 attention is computed per row, and prefill always runs 32-token blocks over the whole slot, so
@@ -265,7 +265,8 @@ class _GPT2Graph:
             self._write(layer, index, k, v)
             if self._uses_matvec(x):
                 # The kernel reads each row's cells in place: no gathered copy of the windows, and
-                # the same bits for any row count and window (GPT-2 124M, 3 rows: 31 against 36 ms a step).
+                # the same bits for any row count and window (GPT-2 124M, 3 rows: 22-25 against 31 ms a
+                # step with XLA's batched attention, 35 per row).
                 out = tf.reshape(tf_matvec.attention(tf, q, self.keys[layer], self.values[layer], slots, positions),
                                  [-1, self.n_embd])
             elif self.per_row_attention:
