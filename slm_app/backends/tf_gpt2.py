@@ -49,8 +49,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
 from slm_app.backends import tf_matvec
+from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
 from slm_app.backends.gpt2_vocab import gpt2_tokenizer, token_byte_table
 from slm_app.provisioning.hub import ResolvedModel, resolve_hf_model
 from slm_app.provisioning.tiny_gpt2 import (RANDOM_WEIGHTS_KEY, TINY_GPT2_ID, build_offline_tiny_gpt2,

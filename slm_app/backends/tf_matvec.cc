@@ -1,13 +1,17 @@
-// Decode-step matrix products for the TensorFlow backend, as an XLA custom call (see tf_matvec.py).
+// Decode-step kernels of the TensorFlow backend, called from its XLA programs as custom calls
+// (see tf_matvec.py):
 //
-// out[b, n] = sum_k x[b, k] * w[n, k] for B rows of x (B = 1..8, the rows decoding together) against a
-// row-major [out, in] float32 weight matrix. Why not XLA's own dot: its kernel for one row (a
-// matrix-vector product) gives other bits than its kernel for 2+ rows, so a request alone would not
-// get the answer it gets next to others; running a lone row beside a dummy twin paid the slower
-// 2-row kernel (GPT-2 124M: 0.67x of transformers' XLA generate). Here every (b, n) is computed by the
-// same instructions in the same order whatever B is, whatever thread does it, and the weights are read
-// from memory once per step for all B rows (a block of weight rows stays in cache while each group of
-// x rows passes over it), so 3 rows cost little more than 1.
+// * slm_matvec: out[b, n] = sum_k x[b, k] * w[n, k] for the B rows decoding together, against a
+//   row-major [out, in] float32 weight matrix (the block matrices and GPT-2's head);
+// * slm_attention: each row's attention over its own slot's cells 0..position, read in place from the
+//   KV cache.
+//
+// Why not XLA's own ops: its dot for one row (a matrix-vector product) gives other bits than its dot
+// for 2+ rows, so a request alone would not get the answer it gets next to others; running a lone row
+// beside a dummy twin paid the slower 2-row kernel (GPT-2 124M: 0.67x of transformers' XLA generate).
+// Here every output is computed by the same instructions in the same order whatever B is and whatever
+// thread does it, and the weights are read from memory once per step for all B rows (a block of weight
+// rows stays in cache while each group of x rows passes over it), so 3 rows cost little more than 1.
 //
 // Built at first use by tf_matvec.py with -march=native (the bits are fixed per machine, which is all
 // the invariance needs) and registered with XLA's CPU custom-call registry.
@@ -52,6 +56,7 @@ inline void tile(const float* x, const float* w, float* out, int K, int N, int n
   const float* wn = w + static_cast<size_t>(n) * K;
   v16 acc[NB][NR] = {};
   for (int k = 0; k < kv; k += kLanes) {
+    // (Past the last row this points beyond the matrix: prefetches never fault.)
     for (int r = 0; r < NR; ++r) __builtin_prefetch(wn + static_cast<size_t>(r + kPrefetchRows) * K + k, 0, 3);
     v16 wr[NR];
     for (int r = 0; r < NR; ++r) wr[r] = load(wn + static_cast<size_t>(r) * K + k);
