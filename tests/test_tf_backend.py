@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -58,11 +59,20 @@ def small_dir(tmp_path_factory) -> Path:
     return build_random_gpt2(tmp_path_factory.mktemp("small") / "gpt2-small-random", seed=1, **SMALL)
 
 
+@contextmanager
+def float32_backend(folder: Path, cache_dir: Path, **overrides) -> Iterator[TFGPT2Backend]:
+    """A float32 test model with 3 slots, closed after use."""
+    backend = TFGPT2Backend.load(engine_config(folder, cache_dir, float16=False, n_slots=3, **overrides))
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
 @pytest.fixture(scope="session")
 def small(small_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
-    backend = TFGPT2Backend.load(engine_config(small_dir, cache_dir, float16=False, n_slots=3))
-    yield backend
-    backend.close()
+    with float32_backend(small_dir, cache_dir) as backend:
+        yield backend
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +82,9 @@ def wide_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def wide(wide_dir: Path, cache_dir: Path) -> Iterator[TFGPT2Backend]:
-    backend = TFGPT2Backend.load(engine_config(wide_dir, cache_dir, float16=False, n_slots=3))
-    assert backend.info().details["matvec_kernel"].startswith("on"), backend.info().details["matvec_kernel"]
-    yield backend
-    backend.close()
+    with float32_backend(wide_dir, cache_dir) as backend:
+        assert backend.info().details["matvec_kernel"].startswith("on"), backend.info().details["matvec_kernel"]
+        yield backend
 
 
 @pytest.fixture(params=["small", "wide"])
@@ -370,15 +379,12 @@ def test_decode_kernel_gives_a_lone_row_its_batch_bits(wide: TFGPT2Backend, wide
     assert hlo.count('custom_call_target="slm_attention"') == wide._graph.n_layer
     for slot in range(3):
         wide.release(slot)
-    plain = TFGPT2Backend.load(engine_config(wide_dir, cache_dir, float16=False, n_slots=3, matvec_kernel=False))
-    try:
+    with float32_backend(wide_dir, cache_dir, matvec_kernel=False) as plain:
         assert plain.info().details["matvec_kernel"] == "off (SLM_MATVEC_KERNEL=false)"
         assert plain.info().details["buckets"]["decode_rows"] == [2, 3]
         plain.forward([Row(0, tuple(prompts[0]), 0, logits=False)])
         np.testing.assert_allclose(plain.forward([rows[0]]).row(0), alone[0], rtol=1e-4,
                                    atol=1e-4 * np.abs(alone[0]).max())
-    finally:
-        plain.close()
     monkeypatch.setenv("SLM_MATVEC_KERNEL", "false")
     opted_out = Settings(tier="standard")
     assert resolve_tier(opted_out).engine_config(opted_out).matvec_kernel is False

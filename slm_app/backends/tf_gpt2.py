@@ -412,8 +412,7 @@ class TFGPT2Backend(Backend):
         self._n_slots = config.n_slots
         # The decode kernels: float32 weights (float32 copies would cost twice the memory a float16 tier
         # chose to save), under XLA, for a model wide enough to gain.
-        self._matvec_note = self._matvec(config, int(cfg.n_embd))
-        matvec = self._matvec_note.startswith("on")
+        matvec, self._matvec_note = self._matvec(config, int(cfg.n_embd))
         # Context windows bound the cells XLA's attention reads; the attention kernel reads only the cells
         # a row can see, so with it one window (a third of the compiled shapes: ~30 s less warm-up on 124M).
         self._windows = [self._n_ctx] if matvec else [w for w in CONTEXT_WINDOWS if w < self._n_ctx] + [self._n_ctx]
@@ -430,16 +429,16 @@ class TFGPT2Backend(Backend):
         self.load_time_s = 0.0
         self.warmup_s = 0.0
 
-    def _matvec(self, config: EngineConfig, n_embd: int) -> str:
-        """Whether decode rows use tf_matvec's kernel: "on (...)" or "off (why)"."""
+    def _matvec(self, config: EngineConfig, n_embd: int) -> tuple[bool, str]:
+        """Whether decode rows use tf_matvec's kernels, and a note for ``info``: "on (how)" or "off (why)"."""
         if not config.matvec_kernel:
-            return "off (SLM_MATVEC_KERNEL=false)"
+            return False, "off (SLM_MATVEC_KERNEL=false)"
         if config.float16 or not config.xla:
-            return "off (float16 weights)" if config.float16 else "off (SLM_XLA=0)"
+            return False, "off (float16 weights)" if config.float16 else "off (SLM_XLA=0)"
         if n_embd < MATVEC_MIN_EMBD:
-            return f"off (n_embd {n_embd} < {MATVEC_MIN_EMBD}: XLA's fused matmuls are faster)"
+            return False, f"off (n_embd {n_embd} < {MATVEC_MIN_EMBD}: XLA's fused matmuls are faster)"
         loaded = tf_matvec.load(self._tf, config.cache_dir)
-        return f"on ({loaded.reason})" if loaded.path else f"off ({loaded.reason})"
+        return loaded.path is not None, f"{'on' if loaded.path else 'off'} ({loaded.reason})"
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -515,7 +514,8 @@ class TFGPT2Backend(Backend):
             details={
                 "model_path": str(r.path), "n_params": self._n_params, "dtype": self._dtype,
                 "float16": self._config.float16, "xla": g.xla if g else None,
-                "batch_invariant": self._config.batch_invariant, "matvec_kernel": self._matvec_note if not g or g.xla else "off (XLA off)",
+                "batch_invariant": self._config.batch_invariant,
+                "matvec_kernel": self._matvec_note if g is None or g.xla else "off (XLA failed: see xla_note)",
                 "greedy_steps_per_call": self._greedy_steps,
                 "xla_note": g.xla_note if g else "closed",
                 "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
