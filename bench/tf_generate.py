@@ -135,7 +135,14 @@ def worker(cfg: dict) -> dict:
         concurrent(BATCH)
     out["first_calls_s"] = time.perf_counter() - start
 
-    model = backend._model
+    model = backend._model  # the backend's own Keras model, or the same weights loaded again when the
+    if model is None:  # backend dropped it (with the decode kernels it reads its own copies)
+        from transformers import TFGPT2LMHeadModel
+
+        from slm_app.provisioning.tiny_gpt2 import keras_policy
+
+        with keras_policy("float16" if cfg["float16"] else "float32"):
+            model = TFGPT2LMHeadModel.from_pretrained(cfg["model"])
     ids = tf.constant([backend.tokenize(PROMPT)], tf.int32)
     kwargs = dict(attention_mask=tf.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=50256)
     xla_generate = None

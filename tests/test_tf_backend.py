@@ -100,10 +100,19 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
+_HF_MODELS: dict[str, object] = {}
+
+
 def _hf_logits(backend: TFGPT2Backend, ids: list[int]) -> np.ndarray:
-    """transformers' own TFGPT2LMHeadModel on the same weights: logits at every position."""
+    """transformers' own TFGPT2LMHeadModel on the same weights (loaded from the same folder): logits at
+    every position."""
     tf = configure_tensorflow_env()
-    return backend._model(tf.constant([ids]), training=False).logits.numpy()[0].astype(np.float32)
+    path = backend.info().details["model_path"]
+    if path not in _HF_MODELS:
+        from transformers import TFGPT2LMHeadModel
+
+        _HF_MODELS[path] = TFGPT2LMHeadModel.from_pretrained(path)
+    return _HF_MODELS[path](tf.constant([ids]), training=False).logits.numpy()[0].astype(np.float32)
 
 
 def test_offline_tiny_build_is_deterministic_and_complete(tiny_dir: Path, tmp_path: Path) -> None:
