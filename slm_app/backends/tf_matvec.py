@@ -1,8 +1,9 @@
-"""The decode-step matrix product of the TensorFlow backend: ``tf_matvec.cc`` as an XLA custom call.
+"""The decode-step kernels of the TensorFlow backend (``tf_matvec.cc``), called as XLA custom calls:
+``matvec`` (the block matrices and the head) and ``attention`` (straight from the KV cache).
 
 Why: XLA's CPU dot gives a lone row (matrix-vector kernel) other bits than the same row among 2+
-rows, so exact batch invariance cost a dummy twin row and the slower 2-row kernel. The kernel here
-computes every output the same way for 1 to 8 rows and reads the weights once for all of them
+rows, so exact batch invariance cost a dummy twin row and the slower 2-row kernel. These kernels
+compute every output the same way whatever the row count and read the weights once for all rows
 (numbers in ``tf_matvec.cc`` and the README).
 
 It is compiled on first use with the machine's C++ compiler against TensorFlow's own headers (the
@@ -29,7 +30,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("tf_matvec.cc")
-TARGET = "slm_matvec"
+MATVEC_TARGET, ATTENTION_TARGET = "slm_matvec", "slm_attention"  # the names tf_matvec.cc registers
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-fvisibility=hidden")
 COMPILE_TIMEOUT_S = 300
 
@@ -107,7 +108,7 @@ def matvec(tf: Any, x: Any, weight: Any) -> Any:
     n = int(weight.shape[0])
     assert rows >= 1 and int(weight.shape[1]) == k, (x.shape, weight.shape)
     return gen_xla_ops.xla_custom_call_v2(
-        [x, weight], call_target_name=TARGET, backend_config=f"{rows} {k} {n}", has_side_effect=False,
+        [x, weight], call_target_name=MATVEC_TARGET, backend_config=f"{rows} {k} {n}", has_side_effect=False,
         result_dtypes=[tf.float32], result_shapes=[[rows, n]])[0]
 
 
@@ -119,6 +120,6 @@ def attention(tf: Any, q: Any, keys: Any, values: Any, slots: Any, positions: An
     rows, heads, dim = (int(n) for n in q.shape)
     n_slots, n_cells = int(keys.shape[0]), int(keys.shape[2])
     return gen_xla_ops.xla_custom_call_v2(
-        [q, keys, values, slots, positions], call_target_name="slm_attention",
+        [q, keys, values, slots, positions], call_target_name=ATTENTION_TARGET,
         backend_config=f"{rows} {heads} {dim} {n_slots} {n_cells}", has_side_effect=False,
         result_dtypes=[tf.float32], result_shapes=[[rows, heads, dim]])[0]
