@@ -135,8 +135,10 @@ def worker(cfg: dict) -> dict:
         concurrent(BATCH)
     out["first_calls_s"] = time.perf_counter() - start
 
-    model = backend._model  # the backend's own Keras model, or the same weights loaded again when the
-    if model is None:  # backend dropped it (with the decode kernels it reads its own copies)
+    # HF's generate runs on the backend's own Keras model, or on the same weights loaded again when the
+    # backend did not keep it (with the decode kernels it reads only its own row-major copies).
+    model = backend._model
+    if model is None:
         from transformers import TFGPT2LMHeadModel
 
         from slm_app.provisioning.tiny_gpt2 import keras_policy
