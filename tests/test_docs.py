@@ -98,6 +98,27 @@ def named_commands(page: Path) -> list[tuple[str, Path]]:
     return found
 
 
+IMPORT = re.compile(r"^\s*from\s+(slm_app(?:\.\w+)*)\s+import\s+([\w, ]+)$", re.M)
+
+
+def broken_imports(text: str) -> list[str]:
+    """``from slm_app.x import a, b`` in a page's examples: the module's file exists and defines (or
+    imports) each name. Read, not imported: the examples' modules may pull in TensorFlow."""
+    broken = []
+    for module, names in IMPORT.findall(text):
+        base = ROOT.joinpath(*module.split("."))
+        source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if not source.exists():
+            broken.append(f"{module}: no {_rel(source)}")
+            continue
+        code = source.read_text(encoding="utf-8")
+        for name in (n.strip() for n in names.split(",") if n.strip()):
+            defined = rf"^(?:def|class|async def)\s+{name}\b|^{name}\s*[:=]|^\s*(?:from\s+\S+\s+)?import\b.*\b{name}\b"
+            if not re.search(defined, code, re.M):
+                broken.append(f"{module}.{name}: not defined in {_rel(source)}")
+    return broken
+
+
 def settings_classes() -> list[type[BaseSettings]]:
     return [cls for _, cls in inspect.getmembers(settings_module, inspect.isclass)
             if issubclass(cls, BaseSettings) and cls is not BaseSettings and cls.__module__ == settings_module.__name__]
@@ -121,6 +142,8 @@ def tool_variables() -> set[str]:
     for script in ROOT.glob("setup*.sh"):
         names |= set(re.findall(r"\$\{?(SLM_[A-Z0-9_]+)", script.read_text(encoding="utf-8")))
     for test in (ROOT / "tests").glob("*.py"):
+        if test.name == Path(__file__).name:  # this file's own examples are not reads
+            continue
         names |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](SLM_[A-Z0-9_]+)[\"']", test.read_text(encoding="utf-8")))
     return names
 
@@ -163,6 +186,17 @@ def test_every_named_command_and_file_exists(page: Path) -> None:
     assert missing == []
     scripts = [path for said, path in named_commands(page) if said.startswith("./")]
     assert all(p.stat().st_mode & 0o111 for p in scripts), scripts
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_every_slm_app_import_in_the_examples_resolves(page: Path) -> None:
+    assert broken_imports(page.read_text(encoding="utf-8")) == []
+
+
+def test_a_broken_import_is_caught() -> None:
+    text = "from slm_app.settings import Settings, NoSuchThing\nfrom slm_app.nowhere import x\n"
+    assert broken_imports(text) == ["slm_app.settings.NoSuchThing: not defined in slm_app/settings.py",
+                                     "slm_app.nowhere: no slm_app/nowhere.py"]
 
 
 def test_the_readme_names_the_commands_it_promises() -> None:
