@@ -144,7 +144,8 @@ def tool_variables() -> set[str]:
     for test in (ROOT / "tests").glob("*.py"):
         if test.name == Path(__file__).name:  # this file's own examples are not reads
             continue
-        names |= set(re.findall(r"environ(?:\.get\(|\[)\s*[\"'](SLM_[A-Z0-9_]+)[\"']", test.read_text(encoding="utf-8")))
+        reads = r"environ(?:\.get\(|\[)\s*[\"'](SLM_[A-Z0-9_]+)[\"']"
+        names |= set(re.findall(reads, test.read_text(encoding="utf-8")))
     return names
 
 
@@ -176,7 +177,8 @@ def test_a_broken_link_or_anchor_is_caught() -> None:
 
 
 def test_every_docs_page_is_linked_from_the_readme() -> None:
-    linked = {(README.parent / t.partition("#")[0]).resolve() for t in relative_links(README.read_text(encoding="utf-8"))}
+    links = relative_links(README.read_text(encoding="utf-8"))
+    linked = {(README.parent / t.partition("#")[0]).resolve() for t in links}
     assert [_rel(p) for p in PAGES[1:] if p.resolve() not in linked] == []
 
 
@@ -213,7 +215,7 @@ def test_the_readme_test_command_is_what_ci_runs() -> None:
 
 def test_the_readme_fits_on_a_page() -> None:
     lines = README.read_text(encoding="utf-8").count("\n")
-    assert lines <= MAX_README_LINES, f"README.md is {lines} lines; keep it to {MAX_README_LINES} and move detail to docs/"
+    assert lines <= MAX_README_LINES, f"README.md is {lines} lines; keep it to {MAX_README_LINES}, the rest in docs/"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_rel)
