@@ -40,9 +40,9 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slm_app import structured  # noqa: E402
+from slm_app.structured import constraint as structured  # noqa: E402
 from slm_app.backends.base import SamplingParams, TokenConstraint  # noqa: E402
-from slm_app.engine import PreparedPrompt  # noqa: E402
+from slm_app.engines.base import PreparedPrompt  # noqa: E402
 from slm_app.scheduler import Completion  # noqa: E402
 from slm_app.service import GenerationService, ServiceRunner  # noqa: E402
 from slm_app.settings import Settings  # noqa: E402

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator, Sequence
 import jsonschema
 import numpy as np
 
-from slm_app.engine import Engine
+from slm_app.engines.base import Engine
 from slm_app.service import GenerationService, RequestError
 
 METHODS = ("auto", "chunks", "sliding")

@@ -20,7 +20,7 @@ from prometheus_client import Gauge
 
 from slm_app import memory
 from slm_app.backends.base import BackendUnavailable, SamplingParams, TokenConstraint
-from slm_app.engine import Engine, LocalEngine, PreparedPrompt
+from slm_app.engines.base import Engine, LocalEngine, PreparedPrompt
 from slm_app.metrics import Metrics
 from slm_app.scheduler import Completion, Generation, PromptTooLong, QueueFull, SchedulerClosed
 from slm_app.settings import ResolvedTier, Settings, resolve_tier
@@ -120,7 +120,7 @@ class GenerationService:
         """Load the engine. Failures are kept and reported, never raised: the app serves on."""
         try:
             if self.tier.backend == "remote":  # an OpenAI-compatible server holds the model
-                from slm_app.remote import RemoteEngine
+                from slm_app.engines.remote.engine import RemoteEngine
 
                 self.engine = RemoteEngine.from_settings(
                     self.settings, self.tier.parallel, prompt_token_limit=self.limits.max_prompt_tokens,
@@ -347,7 +347,8 @@ class GenerationService:
         ``rendered``: ``prompt`` is the whole prompt as the model is to see it (a conversation from
         ``render_conversation`` that already says what to answer, as tool calling builds it): it is
         neither extended with the schema nor wrapped in the chat template again."""
-        from slm_app import remote, structured
+        from slm_app import structured
+        from slm_app.engines.remote import engine as remote
 
         if not isinstance(schema_text, str):
             raise RequestError("schema must be JSON text", param="schema")

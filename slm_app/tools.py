@@ -39,7 +39,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
-from slm_app import structured
+from slm_app.structured import constraint as structured
 from slm_app.service import GenerationService, RequestError
 from slm_app.settings import TierLimits
 

@@ -21,7 +21,7 @@ import pytest
 
 from slm_app.service import GenerationService, RequestError, ServiceRunner
 from slm_app.settings import Settings, TierLimits
-from slm_app.structured import (
+from slm_app.structured.constraint import (
     NEAR, JsonSchemaConstraint, SchemaError, compile_schema, parse_schema, validate_output, walk_to_completion,
 )
 

@@ -377,7 +377,7 @@ def _served_past_the_ladder(schema: dict, tok: llguidance.LLTokenizer, error: st
 
 def _strict_only(schema: dict, tok: llguidance.LLTokenizer) -> None:
     """The ladder's rungs without the last one fail on this schema (what the last rung is for)."""
-    from slm_app.structured import _COMPACT, _LADDER, _PARSER_LIMITS
+    from slm_app.structured.constraint import _COMPACT, _LADDER, _PARSER_LIMITS
 
     errors = []
     for _, options in _LADDER:
@@ -653,7 +653,7 @@ def test_real_schemas_accept_valid_and_reject_invalid_instances(tok, hf) -> None
 
 
 def test_budget_bounds_narrow_only_unbounded_strings_and_arrays() -> None:
-    from slm_app.structured import bound_for_budget, budget_bounds
+    from slm_app.structured.constraint import bound_for_budget, budget_bounds
 
     schema = {"type": "object", "properties": {
         "free": {"type": "string"},

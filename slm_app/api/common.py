@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException  # FastAPI's is a subclass
 from starlette.types import Message
 
 from slm_app.backends.base import SamplingParams
-from slm_app.engine import PreparedPrompt
+from slm_app.engines.base import PreparedPrompt
 from slm_app.scheduler import Completion
 from slm_app.service import GenerationService, RequestError
 

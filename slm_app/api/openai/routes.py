@@ -75,7 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from starlette.convertors import PathConvertor, register_url_convertor
 
 from slm_app.backends.base import SamplingParams
-from slm_app.engine import PreparedPrompt
+from slm_app.engines.base import PreparedPrompt
 from slm_app.scheduler import Completion
 from slm_app.api.common import (api_router, error_responses, generation_steps, printable, prompt_list,
                                 public_error)

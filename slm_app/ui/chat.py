@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 
-from slm_app.engine import PreparedPrompt
+from slm_app.engines.base import PreparedPrompt
 from slm_app.feedback import THUMB_RATING, FeedbackStore, sampling_record, store_for
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
-from slm_app.ui_controls import sampling_controls
+from slm_app.ui.controls import sampling_controls
 
 CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed")
 PRIVACY_NOTE = ("🔒 Nothing you type is stored. Only feedback you send (👍 / 👎, a rating, a correction) is "

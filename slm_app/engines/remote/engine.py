@@ -50,7 +50,7 @@ import numpy as np
 from httpx_sse import SSEError, aconnect_sse
 
 from slm_app.backends.base import BackendUnavailable, ModelInfo, SamplingParams, TokenConstraint
-from slm_app.engine import Engine, PreparedPrompt
+from slm_app.engines.base import Engine, PreparedPrompt
 from slm_app.scheduler import Completion, Generation, Publication, QueueFull, SchedulerClosed
 from slm_app.service import RETRY_AFTER_S, RequestError
 from slm_app.settings import Settings
@@ -717,7 +717,7 @@ def generate_structured_remote(service: Any, engine: RemoteEngine, prompt: str, 
     up to ``attempts`` with the next seed when sampling, once when greedy. Raises
     ``structured.SchemaError`` for a refused schema. ``rendered``: ``prompt`` is final (a conversation
     from ``render_conversation`` that already says what to answer): sent as is, no instruction added."""
-    from slm_app import structured
+    from slm_app.structured import constraint as structured
 
     start = time.perf_counter()
     schema = structured.parse_schema(schema_text, service.limits)

@@ -14,10 +14,10 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from slm_app import ui_chat, ui_evaluate, ui_tools
+from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, tools as ui_tools
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
-from slm_app.ui_controls import sampling_controls, structured_controls
+from slm_app.ui.controls import sampling_controls, structured_controls
 
 _CONCURRENCY_ID = "model"  # generate, batch and structured: requests for the scheduler's slots
 

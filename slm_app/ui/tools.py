@@ -11,7 +11,7 @@ import gradio as gr
 
 from slm_app import tools
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError, check_text
-from slm_app.ui_controls import structured_controls
+from slm_app.ui.controls import structured_controls
 
 EXAMPLE_TOOLS = [
     {"type": "function", "function": {
