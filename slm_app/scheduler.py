@@ -16,6 +16,9 @@ Callers get a ``Generation`` handle: ``updates()`` (blocking) or ``aupdates()`` 
 latest ``Completion`` snapshot whenever it changed (a slow reader skips intermediate snapshots rather
 than queueing them: text only grows, so the latest says everything), ``cancel()`` ends it whether it
 is waiting or running.
+
+Size: over 500 lines on purpose: admission, the step, greedy multi-step decoding and publication all
+read and write the slots under one lock; their invariants are easier to keep in one file.
 """
 
 from __future__ import annotations
@@ -88,6 +91,15 @@ class Publication:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # that event loop is closed: its reader is gone
                 pass
+
+    def finish(self, snap: Completion, on_done: Callable[[Completion], None] | None) -> None:
+        """Publish the final snapshot, then run the request's ``on_done`` (metrics) once."""
+        self.publish(snap)
+        if on_done is not None:
+            try:
+                on_done(snap)
+            except Exception:  # bookkeeping must not break serving
+                log.exception("on_done callback failed")
 
 
 @dataclass(eq=False)
@@ -491,12 +503,7 @@ class Scheduler:
         if job.state == _DONE:
             return
         job.state, job.finish_reason = _DONE, reason
-        self._publish(job)
-        if job.on_done is not None:
-            try:
-                job.on_done(job.pub.snapshot)
-            except Exception:  # bookkeeping must not break serving
-                log.exception("on_done callback failed")
+        job.pub.finish(self._completion(job), job.on_done)
 
     # ---- publication ------------------------------------------------------------------------------
     def _completion(self, job: _Job) -> Completion:

@@ -283,12 +283,7 @@ class RemoteEngine(Engine):
             if call in self._queue.waiting:
                 self._queue.waiting.remove(call)
         self._loop.call_soon_threadsafe(self._wake.set)
-        call.publish()
-        if call.on_done is not None:
-            try:
-                call.on_done(call.pub.snapshot)
-            except Exception:  # bookkeeping must not break serving
-                log.exception("on_done callback failed")
+        call.pub.finish(call.completion(), call.on_done)
 
     def _cancel(self, call: UpstreamCall) -> None:
         """``Generation.cancel()``: ends the call's task, which closes its upstream response."""
