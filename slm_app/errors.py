@@ -91,7 +91,7 @@ def request_error(exc: EngineError) -> RequestError:
                         retry_after=retry_after)
 
 
-class Outcome(Protocol):
+class FinishedRequest(Protocol):
     """What ``raise_failure`` reads of a finished request (``scheduler.Completion``)."""
 
     finish_reason: str | None
@@ -102,7 +102,7 @@ class Outcome(Protocol):
     elapsed_s: float
 
 
-def raise_failure(final: Outcome) -> None:
+def raise_failure(final: FinishedRequest) -> None:
     """A generation that failed is an error for its caller (the server keeps serving): a failure in
     the model here is a 500, an upstream's keeps its meaning (busy 429/503 pass through with their
     Retry-After); a timeout before the first token is a 504."""

@@ -36,7 +36,7 @@ import numpy as np
 
 from slm_app import admission
 from slm_app.backends.base import Backend, NativeSampler, Row, SamplingParams, TokenConstraint
-from slm_app.errors import Failure, PromptTooLong, QueueFull, SchedulerClosed
+from slm_app.errors import Failure, PromptTooLong, SchedulerClosed
 from slm_app.sampling import PENALTY_LAST_N, Sampler, TextAssembler
 
 log = logging.getLogger(__name__)

@@ -107,11 +107,6 @@ class Capabilities:
 
     schema: str
     logits: LogitsAccess | None = None
-    can_stream: bool = True
-
-    @property
-    def can_score(self) -> bool:
-        return self.logits is not None
 
 
 class Engine(ABC):
@@ -133,9 +128,6 @@ class Engine(ABC):
     @abstractmethod
     def prepare(self, prompt: ModelPrompt) -> PreparedPrompt:
         """Tokenize (or count) a prompt as the limits see it. Raises ``EngineError``."""
-
-    def count_tokens(self, prompt: ModelPrompt) -> int:
-        return self.prepare(prompt).n_tokens
 
     @abstractmethod
     def submit(self, prompt: PreparedPrompt, params: SamplingParams, constraint: Any = None,

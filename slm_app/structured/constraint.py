@@ -17,7 +17,8 @@ from slm_app.structured.generation import Outcome, Verdict
 from slm_app.structured.intake import SchemaError
 from slm_app.structured.validation import validate_output
 from slm_app.structured.walk import (
-    DECODE_WALK_MASKS, DECODE_WALK_SECONDS, FREE_TEXT, MAX_CHECKED, NEAR, RECHECK_EVERY, RECHECK_SHARE, TIGHT, VERIFY, WALK_SECONDS, _facts, _JsonPosition, shortest_completion, walk_to_completion,
+    DECODE_WALK_MASKS, DECODE_WALK_SECONDS, FREE_TEXT, MAX_CHECKED, NEAR, RECHECK_EVERY, RECHECK_SHARE, TIGHT, VERIFY,
+    WALK_SECONDS, _facts, _JsonPosition, shortest_completion, walk_to_completion,
 )
 
 if TYPE_CHECKING:
