@@ -1,16 +1,14 @@
 """Conversations are rendered and trimmed the same way on every surface (``slm_app.conversation``): a
 long conversation loses its oldest exchanges on the OpenAI chat route as in the Chat tab, while the
 system prompt and the last user turn stay, and a last turn too long by itself is still refused.
-Driven through the ``openai`` SDK against the app on the fake backend."""
+Driven through the ``openai`` SDK against the session's free-tier app."""
 
 from __future__ import annotations
 
 import openai
 import pytest
 
-from conftest import launch_app
 from slm_app import conversation
-from slm_app.settings import Settings
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 
@@ -24,11 +22,8 @@ def long_history(exchanges: int, chars: int) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    settings = Settings(tier="free", backend="fake", cache_dir=str(tmp_path_factory.mktemp("cache")),
-                        data_dir=str(tmp_path_factory.mktemp("data")))
-    with launch_app(settings) as server:
-        yield server
+def app(free_app):
+    return free_app  # the session's free-tier app: no extra launch
 
 
 @pytest.fixture(scope="module")
