@@ -42,10 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slm_app import structured  # noqa: E402
 from slm_app.backends.base import SamplingParams, TokenConstraint  # noqa: E402
-from slm_app.engine import PreparedPrompt  # noqa: E402
 from slm_app.scheduler import Completion  # noqa: E402
 from slm_app.service import GenerationService, ServiceRunner  # noqa: E402
 from slm_app.settings import Settings  # noqa: E402
+from slm_app.structured.validation import NO_FETCH_REGISTRY  # noqa: E402
 
 DEFAULT_SCHEMAS = Path(__file__).resolve().parents[1] / ".." / "shared" / "schemas" / "jsonschemabench-dev"
 PROMPT = "Write one realistic example document for the schema below."
@@ -89,13 +89,13 @@ class TimedRunner:
     """
 
     def __init__(self, inner: ServiceRunner):
-        self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
+        self.inner, self.model_id = inner, inner.model_id
         self.max_sequence_tokens = inner.max_sequence_tokens
         self.seconds, self.tokens = 0.0, 0
         self.mask_s, self.steps = 0.0, 0
 
-    def llguidance_tokenizer(self) -> Any:
-        return self.inner.llguidance_tokenizer()
+    def schema_plan(self, schema: dict, budget: int, steer: bool = True) -> Any:
+        return self.inner.schema_plan(schema, budget, steer)
 
     def count_tokens(self, text: str) -> int:
         return self.inner.count_tokens(text)
@@ -125,7 +125,7 @@ def independent_check(raw: str, schema: dict) -> bool:
     import jsonschema
 
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    validator = cls(schema, format_checker=cls.FORMAT_CHECKER, registry=structured.NO_FETCH_REGISTRY)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER, registry=NO_FETCH_REGISTRY)
     return validator.is_valid(json.loads(raw))
 
 
@@ -142,7 +142,8 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
         return {**row, "outcome": "refused", "reason": f"intake: {exc}"}
     start = time.perf_counter()
     try:
-        compiled = structured.compile_schema(schema, runner.llguidance_tokenizer(), budget=max_tokens)
+        compiled = structured.compile_schema(schema, service.ready().capabilities.logits.llguidance_tokenizer(),
+                                             budget=max_tokens)
     except structured.SchemaError as exc:
         compiled, row["reason"] = None, str(exc)
     row["compile_ms"] = 1000 * (time.perf_counter() - start)
@@ -165,15 +166,15 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
     if result.success:
         row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema))
     else:
-        row.update(outcome="truncated" if result.error.startswith("truncated") else "invalid", reason=result.error)
+        row.update(outcome="truncated" if result.outcome is structured.Outcome.TRUNCATED else "invalid",
+                   reason=result.error)
     if not speed:
         return row
 
     # The same prompt the engine built, without the constraint, for the speed comparison.
     runner.seconds = runner.tokens = 0
     prompt = structured.build_prompt(runner, PROMPT, compiled.schema, limits, max_tokens)
-    engine = service.ready()
-    prepared = PreparedPrompt(prompt, engine.tokenize(engine.format_prompt(prompt, True)))
+    prepared = service.prepare(service.ready().format_prompt(prompt, True))
     runner.add(service.start("bench", prepared, SamplingParams(max_new_tokens=max_tokens, temperature=0.7,
                                                                 seed=0)).result())
     return {**row, "free_s": runner.seconds, "free_tokens": runner.tokens}
@@ -233,7 +234,7 @@ def main() -> None:
     if service.status != "ok":
         sys.exit(f"model not loaded: {service.load_error}")
     runner = ServiceRunner(service, None)
-    runner.llguidance_tokenizer()  # built once (~1 s) here, not inside the first schema's compile time
+    service.ready().capabilities.logits.llguidance_tokenizer()  # built once (~1 s), not in the first compile
     max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)
     lim = service.limits

@@ -1,6 +1,7 @@
 """Measuring a model: perplexity of a text, ROUGE-L against references, behavioural checks.
 
-Everything runs through the serving core: scoring through ``Engine.score`` (the scheduler runs it
+Everything runs through the serving core: scoring through the engine's ``capabilities.logits`` (a
+local engine's scheduler runs it
 between requests, with every slot idle), generations through ``GenerationService.start`` like any
 other request. Each evaluation is a generator that yields after every chunk or item, so a caller can
 show progress and stop it between two steps (the Evaluate tab's Stop button, Ctrl-C in the CLI).
@@ -38,8 +39,9 @@ from typing import Any, Callable, Iterator, Sequence
 import jsonschema
 import numpy as np
 
-from slm_app.engine import Engine
-from slm_app.service import GenerationService, RequestError
+from slm_app.engines.base import Engine, LogitsAccess
+from slm_app.errors import RequestError, raise_failure
+from slm_app.service import GenerationService
 
 METHODS = ("auto", "chunks", "sliding")
 MIN_CTX = 8
@@ -69,10 +71,10 @@ class PerplexityReport:
         return asdict(self)
 
 
-def bos_token(engine: Engine) -> int | None:
+def bos_token(logits: LogitsAccess) -> int | None:
     """The BOS id when the model's tokenizer puts one first (llama-perplexity's ``add_bos``), else None.
     Two texts that share no token can share a first token only if it is BOS."""
-    a, b = engine.tokenize("a"), engine.tokenize("b")
+    a, b = logits.tokenize("a"), logits.tokenize("b")
     return a[0] if len(a) > 1 and len(b) > 1 and a[0] == b[0] else None
 
 
@@ -125,6 +127,10 @@ def iter_perplexity(engine: Engine, text: Any, ctx: Any = None, method: str = "a
         raise RequestError(f"text is {len(text):,} characters; at most {MAX_TEXT_CHARS:,}", status=413, param="text")
     if method not in METHODS:
         raise RequestError(f"method must be one of {', '.join(METHODS)}, got {method!r}", param="method")
+    logits = engine.capabilities.logits
+    if logits is None:  # an engine without logits (a remote server): say so, clearly
+        raise RequestError("perplexity is not available with this backend: perplexity needs logits, which "
+                           "OpenAI-compatible servers do not return", status=400)
     info = engine.info()
     if method == "auto":
         method = "chunks" if info.backend == "llama.cpp" else "sliding"
@@ -133,21 +139,18 @@ def iter_perplexity(engine: Engine, text: Any, ctx: Any = None, method: str = "a
     step = None
     if method == "sliding":
         step = _check_ctx(stride, ctx) or max(1, ctx // 2)
-    tokens = list(engine.tokenize(text))
+    tokens = list(logits.tokenize(text))
     if method == "chunks" and len(tokens) < 2 * ctx:
         raise RequestError(f"the text is {len(tokens):,} tokens; perplexity over chunks of ctx={ctx} needs at "
                            f"least {2 * ctx:,} (llama-perplexity's rule): give more text or a smaller ctx",
                            param="text")
     if len(tokens) < 2:
         raise RequestError("the text is a single token: nothing to predict", param="text")
-    windows = _windows(tokens, method, ctx, step or ctx, bos_token(engine) if method == "chunks" else None)
+    windows = _windows(tokens, method, ctx, step or ctx, bos_token(logits) if method == "chunks" else None)
     nll: list[np.ndarray] = []
     chunk_ppl: list[float] = []
     for window, first in windows:
-        try:
-            logprobs = np.asarray(engine.score(window), dtype=np.float64)
-        except NotImplementedError as exc:  # a backend without logits (a remote server): say so, clearly
-            raise RequestError(f"perplexity is not available with this backend: {exc}", status=400) from None
+        logprobs = np.asarray(logits.score(window), dtype=np.float64)
         if logprobs.shape != (len(window) - 1,):
             raise RuntimeError(f"score() returned {logprobs.shape} log-probabilities for {len(window)} tokens")
         scored = -logprobs[first:]
@@ -226,7 +229,7 @@ def _generate(service: GenerationService, prompt: str, max_new_tokens: Any, temp
         final = generation.result()
     finally:
         generation.cancel()  # a no-op once finished; frees the slot if this evaluation was stopped
-    service.raise_failure(final)
+    raise_failure(final)
     return final.text.strip()
 
 

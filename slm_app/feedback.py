@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from slm_app.service import RequestError
+from slm_app.errors import RequestError
 from slm_app.settings import Settings
 
 FILE_NAME = "feedback.sqlite3"

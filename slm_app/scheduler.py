@@ -16,6 +16,9 @@ Callers get a ``Generation`` handle: ``updates()`` (blocking) or ``aupdates()`` 
 latest ``Completion`` snapshot whenever it changed (a slow reader skips intermediate snapshots rather
 than queueing them: text only grows, so the latest says everything), ``cancel()`` ends it whether it
 is waiting or running.
+
+Size: over 500 lines on purpose: admission, the step, greedy multi-step decoding and publication all
+read and write the slots under one lock; their invariants are easier to keep in one file.
 """
 
 from __future__ import annotations
@@ -31,22 +34,12 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import numpy as np
 
+from slm_app import admission
 from slm_app.backends.base import Backend, NativeSampler, Row, SamplingParams, TokenConstraint
+from slm_app.errors import Failure, PromptTooLong, SchedulerClosed
 from slm_app.sampling import PENALTY_LAST_N, Sampler, TextAssembler
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The waiting line is full; retry later."""
-
-
-class SchedulerClosed(RuntimeError):
-    """The scheduler is shutting down or closed and admits nothing new."""
-
-
-class PromptTooLong(ValueError):
-    """The prompt does not fit one sequence of the model's context."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +55,8 @@ class Completion:
     ttft_s: float | None = None  # submit to first token
     elapsed_s: float = 0.0  # submit to this snapshot
     error: str | None = None  # what failed when finish_reason is "error"
-    # The HTTP status a failure maps to, when it is not a server error (a remote upstream's 429/503).
-    status: int | None = None
+    # What kind of failure, when an engine says (a remote upstream's); None: a failure in the model here.
+    failure: Failure | None = None
     retry_after: int | None = None
 
     @property
@@ -98,6 +91,15 @@ class Publication:
                 loop.call_soon_threadsafe(event.set)
             except RuntimeError:  # that event loop is closed: its reader is gone
                 pass
+
+    def finish(self, snap: Completion, on_done: Callable[[Completion], None] | None) -> None:
+        """Publish the final snapshot, then run the request's ``on_done`` (metrics) once."""
+        self.publish(snap)
+        if on_done is not None:
+            try:
+                on_done(snap)
+            except Exception:  # bookkeeping must not break serving
+                log.exception("on_done callback failed")
 
 
 @dataclass(eq=False)
@@ -201,10 +203,10 @@ class Scheduler:
         self.limits = backend.limits()
         self.queue_size = queue_size
         self._lock = threading.Condition()
-        self._waiting: collections.deque[_Job] = collections.deque()
+        self._queue: admission.AdmissionQueue[_Job] = admission.AdmissionQueue(queue_size)
+        self._waiting = self._queue.waiting
         self._exclusive: collections.deque[tuple[Callable[[Backend], Any], "_Future"]] = collections.deque()
         self._slots: list[_Job | None] = [None] * self.limits.n_slots
-        self._admitting = True
         self._closed = False
         self.steps = 0
         self._max_greedy_steps = backend.max_greedy_steps()
@@ -229,11 +231,7 @@ class Scheduler:
                    None if timeout_s is None else time.perf_counter() + timeout_s, on_done)
         job.pub.snapshot = self._completion(job)
         with self._lock:
-            if not self._admitting or self._closed:
-                raise SchedulerClosed("the server is shutting down and admits no new requests")
-            if len(self._waiting) >= self.queue_size:
-                raise QueueFull(f"busy: {self.queue_size} requests are already waiting for a slot")
-            self._waiting.append(job)
+            self._queue.put(job)  # raises SchedulerClosed or QueueFull
             self._lock.notify()
         return Generation(self._cancel, job, job.pub)
 
@@ -256,7 +254,7 @@ class Scheduler:
 
     def stop_admitting(self) -> None:
         with self._lock:
-            self._admitting = False
+            self._queue.stop_admitting()
 
     def idle(self) -> bool:
         with self._lock:
@@ -265,25 +263,19 @@ class Scheduler:
     def drain(self, timeout_s: float) -> bool:
         """Stop admitting, let running and waiting requests finish for up to ``timeout_s``, cancel the
         rest. True if everything finished by itself."""
-        self.stop_admitting()
-        deadline = time.perf_counter() + timeout_s
-        while time.perf_counter() < deadline:
-            if self.idle():
-                return True
-            time.sleep(0.02)
+        return admission.drain(timeout_s, stop_admitting=self.stop_admitting, idle=self.idle,
+                               in_flight=self._in_flight, cancel=self._cancel)
+
+    def _in_flight(self) -> list[_Job]:
         with self._lock:
-            jobs = list(self._waiting) + [j for j in self._slots if j is not None]
-        for job in jobs:
-            self._cancel(job)
-        return False
+            return list(self._waiting) + [j for j in self._slots if j is not None]
 
     def close(self, timeout_s: float = 30) -> None:
         """Cancel everything, stop the thread and free the model."""
         with self._lock:
-            self._admitting = False
+            self._queue.stop_admitting()
             self._closed = True
-            jobs = list(self._waiting) + [j for j in self._slots if j is not None]
-        for job in jobs:
+        for job in self._in_flight():
             self._cancel(job)
         with self._lock:
             self._lock.notify()
@@ -511,12 +503,7 @@ class Scheduler:
         if job.state == _DONE:
             return
         job.state, job.finish_reason = _DONE, reason
-        self._publish(job)
-        if job.on_done is not None:
-            try:
-                job.on_done(job.pub.snapshot)
-            except Exception:  # bookkeeping must not break serving
-                log.exception("on_done callback failed")
+        job.pub.finish(self._completion(job), job.on_done)
 
     # ---- publication ------------------------------------------------------------------------------
     def _completion(self, job: _Job) -> Completion:

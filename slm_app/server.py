@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
-from slm_app.api import feedback, openai, rest  # noqa: E402
+from slm_app.api import feedback, rest  # noqa: E402
+from slm_app.api.openai import routes as openai  # noqa: E402
 from slm_app.api.common import bearer_ok, rate_limit_for, rate_limited_message, truthful_openapi  # noqa: E402
 from slm_app.service import GenerationService  # noqa: E402
 from slm_app.settings import Settings, load_settings  # noqa: E402
-from slm_app.ui import build_ui, gradio_concurrency  # noqa: E402
+from slm_app.ui.app import build_ui, gradio_concurrency  # noqa: E402
 
 
 # Gradio's own clients (MCP tool calls, open browser tabs) keep heartbeat streams open that never end

@@ -2,9 +2,11 @@
 and the engine's lifecycle.
 
 Every surface (Gradio tabs, REST, OpenAI routes, MCP) calls this module, so a limit is enforced once
-for every caller, and a bad request raises ``RequestError`` with a message that names the field, and
-an HTTP status the HTTP surfaces reuse. Every generation, structured output included, goes through
-``GenerationService.start``: one path for metrics, time to first token, timeouts and cancellation.
+for every caller, and a bad request raises ``errors.RequestError`` with a message that names the
+field, and an HTTP status the HTTP surfaces reuse (engines' own errors are mapped by ``errors``).
+Every generation, structured output included, goes through ``GenerationService.start``: one path for
+metrics, time to first token, timeouts and cancellation. The service runs on any ``Engine`` and asks
+its capabilities, never its type.
 """
 
 from __future__ import annotations
@@ -18,29 +20,18 @@ from typing import Any, Iterator, Sequence
 
 from prometheus_client import Gauge
 
-from slm_app import memory
-from slm_app.backends.base import BackendUnavailable, SamplingParams, TokenConstraint
-from slm_app.engine import Engine, LocalEngine, PreparedPrompt
+from slm_app import memory, structured
+from slm_app.backends.base import BackendUnavailable, SamplingParams
+from slm_app.engines import load_engine
+from slm_app.engines.base import Engine, ModelPrompt, PreparedPrompt
+from slm_app.errors import (
+    RETRY_AFTER_S, EngineError, Failure, QueueFull, RequestError, SchedulerClosed, raise_failure, request_error,
+)
 from slm_app.metrics import Metrics
-from slm_app.scheduler import Completion, Generation, PromptTooLong, QueueFull, SchedulerClosed
+from slm_app.scheduler import Completion, Generation
 from slm_app.settings import ResolvedTier, Settings, resolve_tier
 
 log = logging.getLogger(__name__)
-
-# Seconds a refused client is told to wait (Retry-After) when every slot and the waiting line are full.
-RETRY_AFTER_S = 2
-
-
-class RequestError(ValueError):
-    """A request the server refuses. ``status`` is the HTTP status the REST surfaces answer with,
-    ``param`` the request field it is about (when one is), ``retry_after`` seconds for 429/503."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, retry_after: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.param = param
-        self.retry_after = retry_after
 
 
 def as_number(name: str, value: Any, *, integer: bool = False) -> float | int:
@@ -86,11 +77,6 @@ def split_prompts(prompts: str | Sequence[str]) -> list[str]:
     return [p for p in items if p.strip()]
 
 
-# A model without a chat template gets the conversation as a transcript, and this extra stop string so
-# a raw model does not go on to write the user's next turn.
-TRANSCRIPT_LABELS = {"system": "System", "user": "User", "assistant": "Assistant"}
-TRANSCRIPT_STOP = "\nUser:"
-
 _OUTCOMES = {"stop": "ok", "length": "ok", "cancelled": "cancelled", "timeout": "timeout", "error": "error"}
 
 
@@ -119,14 +105,8 @@ class GenerationService:
     def load(self) -> None:
         """Load the engine. Failures are kept and reported, never raised: the app serves on."""
         try:
-            if self.tier.backend == "remote":  # an OpenAI-compatible server holds the model
-                from slm_app.remote import RemoteEngine
-
-                self.engine = RemoteEngine.from_settings(
-                    self.settings, self.tier.parallel, prompt_token_limit=self.limits.max_prompt_tokens,
-                    on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
-            else:
-                self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
+            self.engine = load_engine(self.settings, self.tier,
+                                      on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
             self.status = "ok"
             self.metrics.model_loaded.set(0 if self.engine.unavailable_reason() else 1)
         except Exception as exc:  # any failure to load is reported on /health, not fatal
@@ -177,38 +157,35 @@ class GenerationService:
         self.metrics.model_loaded.set(0)
 
     # ---- validation ------------------------------------------------------------------------
-    def check_prompt(self, prompt: Any, use_chat_template: bool = True, *, templated: bool = False,
-                     param: str = "prompt") -> PreparedPrompt:
+    def check_prompt(self, prompt: Any, use_chat_template: bool = True, *, param: str = "prompt") -> PreparedPrompt:
         """Check a prompt against the tier's limits and tokenize it as the model will see it.
 
-        ``templated``: the text is already in the model's chat format (OpenAI chat rendered with the
-        template), so it is counted as is, not wrapped again."""
+        A ``ModelPrompt`` is already in the model's format (a conversation rendered by
+        ``conversation.render``), so it is counted as is, not wrapped again."""
         lim, tier = self.limits, self.tier.tier.value
-        if not isinstance(prompt, str):
+        formatted = prompt if isinstance(prompt, ModelPrompt) else None
+        text = formatted.text if formatted is not None else prompt
+        if not isinstance(text, str):
             raise RequestError(f"{param} must be a string, got {type(prompt).__name__}", param=param)
-        check_text(param, prompt)
-        if not prompt.strip():
+        check_text(param, text)
+        if not text.strip():
             raise RequestError(f"{param} is empty: type some text to continue", param=param)
-        if len(prompt) > lim.max_prompt_chars:
-            raise RequestError(f"{param} is {len(prompt):,} characters; the {tier} tier allows at most "
+        if len(text) > lim.max_prompt_chars:
+            raise RequestError(f"{param} is {len(text):,} characters; the {tier} tier allows at most "
                                f"{lim.max_prompt_chars:,}", status=413, param=param)
         engine = self.ready()
-        text = prompt if templated else engine.format_prompt(prompt, use_chat_template)
-        ids = engine.tokenize(text)
-        if len(ids) > lim.max_prompt_tokens:
-            raise RequestError(f"{param} is {len(ids):,} tokens; the {tier} tier allows at most "
+        prepared = self.prepare(formatted or engine.format_prompt(text, use_chat_template))
+        if prepared.n_tokens > lim.max_prompt_tokens:
+            raise RequestError(f"{param} is {prepared.n_tokens:,} tokens; the {tier} tier allows at most "
                                f"{lim.max_prompt_tokens:,}", status=413, param=param)
-        return PreparedPrompt(text, ids)
+        return prepared
 
-    def render_conversation(self, turns: list[dict[str, str]]) -> tuple[str, bool]:
-        """The prompt for a conversation (``[{role, content}]``, roles system/user/assistant) and whether
-        the model's chat template made it (else a ``System:/User:/Assistant:`` transcript that ends with
-        ``Assistant:``; callers add ``TRANSCRIPT_STOP``). Shared by the Chat tab and the OpenAI chat route."""
-        rendered = self.ready().render_chat(turns)
-        if rendered is not None:
-            return rendered, True
-        lines = [f"{TRANSCRIPT_LABELS[t['role']]}: {t['content']}" for t in turns]
-        return "\n".join(lines + ["Assistant:"]), False
+    def prepare(self, prompt: ModelPrompt) -> PreparedPrompt:
+        """The engine's tokens (or count) for a prompt in its format; engine failures as request errors."""
+        try:
+            return self.ready().prepare(prompt)
+        except EngineError as exc:
+            raise request_error(exc) from None
 
     def check_prompts(self, prompts: str | Sequence[str], use_chat_template: bool = True) -> list[PreparedPrompt]:
         items = split_prompts(prompts)
@@ -258,8 +235,8 @@ class GenerationService:
                               use_chat_template=bool(use_chat_template))
 
     # ---- running requests ------------------------------------------------------------------
-    def start(self, endpoint: str, prompt: PreparedPrompt, params: SamplingParams,
-              constraint: TokenConstraint | None = None) -> Generation:
+    def start(self, endpoint: str, prompt: PreparedPrompt, params: SamplingParams, constraint: Any = None
+              ) -> Generation:
         """Submit one generation; every surface's generations go through here (metrics, limits, TTFT)."""
         engine = self.ready()
         if (refusal := self.memory_guard.refusal()) is not None:
@@ -268,14 +245,10 @@ class GenerationService:
         try:
             return engine.submit(prompt, params, constraint, timeout_s=self.settings.request_timeout_s,
                                  on_done=lambda final: self._finished(endpoint, final))
-        except QueueFull as exc:
-            self.metrics.record(endpoint, "busy", 0)
-            raise RequestError(f"{exc}; retry in a few seconds", status=503, retry_after=RETRY_AFTER_S) from None
-        except SchedulerClosed as exc:
-            self.metrics.record(endpoint, "shutting_down", 0)
-            raise RequestError(str(exc), status=503, retry_after=RETRY_AFTER_S) from None
-        except PromptTooLong as exc:
-            raise RequestError(str(exc), status=413, param="prompt") from None
+        except EngineError as exc:
+            if isinstance(exc, (QueueFull, SchedulerClosed)):
+                self.metrics.record(endpoint, "busy" if isinstance(exc, QueueFull) else "shutting_down", 0)
+            raise request_error(exc) from None
 
     def start_many(self, endpoint: str, prompts: Sequence[PreparedPrompt], params: SamplingParams
                    ) -> list[Generation]:
@@ -293,34 +266,29 @@ class GenerationService:
     def _finished(self, endpoint: str, final: Completion) -> None:
         outcome = _OUTCOMES.get(final.finish_reason or "error", "error")
         self.metrics.record(endpoint, outcome, final.elapsed_s, final.completion_tokens, final.ttft_s)
-        if self.tier.profile.aggressive_gc and self.engine is not None and self.engine.load()["running"] == 0:
+        if self.tier.profile.aggressive_gc and self.engine is not None and self.engine.occupancy().running == 0:
             gc.collect()  # free tier: between requests, when nothing is decoding
         self.metrics.sample_memory()
-
-    @staticmethod
-    def raise_failure(final: Completion) -> None:
-        """A generation that failed in the model is a 500 for its caller (the server keeps serving)."""
-        if final.finish_reason == "error":
-            # A remote engine's failures carry the status they map to (upstream 429/503 pass through).
-            if final.status is not None:
-                raise RequestError(final.error or "the upstream failed", status=final.status,
-                                   retry_after=final.retry_after)
-            raise RequestError(f"generation failed: {final.error}", status=500)
-        if final.finish_reason == "timeout" and final.completion_tokens == 0:
-            raise RequestError(f"timed out after {final.elapsed_s:.1f} s before the first token "
-                               "(the server's SLM_REQUEST_TIMEOUT_S)", status=504)
 
     def generate_stream(self, prompt: Any, max_new_tokens: Any, temperature: Any = 0.8, top_p: Any = 1.0,
                         seed: Any = None, **extra: Any) -> Iterator[str]:
         """Streaming single-prompt generation: yields the text generated so far whenever it grows."""
         params = self.sampling(max_new_tokens, temperature, top_p, seed=seed, **extra)
         prepared = self.check_prompt(prompt, params.use_chat_template)
+        yield from self.stream_text("generate", prepared, params)
+
+    def stream_text(self, endpoint: str, prepared: PreparedPrompt, params: SamplingParams, *,
+                    answer: bool = False) -> Iterator[str]:
+        """Start a generation and yield its text whenever it grows (at least once); a failure raises.
+        ``answer``: an assistant's answer, without the space or newline templates and transcripts
+        leave before it."""
         last = None
-        for snap in self.start("generate", prepared, params).updates():
-            self.raise_failure(snap)
-            if snap.text != last:
-                last = snap.text
-                yield last
+        for snap in self.start(endpoint, prepared, params).updates():
+            raise_failure(snap)
+            text = snap.text.lstrip() if answer else snap.text
+            if text != last:
+                last = text
+                yield text
         if last is None:
             yield ""
 
@@ -336,40 +304,44 @@ class GenerationService:
             for g in generations:
                 g.cancel()  # a no-op for finished ones; frees the slots if we were interrupted
         for final in results:
-            self.raise_failure(final)
+            raise_failure(final)
         return results
 
-    def structured(self, prompt: Any, schema_text: Any, max_new_tokens: Any, temperature: Any = 0.0,
-                   seed: Any = None, cancel: threading.Event | None = None, *, rendered: bool = False
-                   ) -> dict[str, Any]:
-        """JSON valid against ``schema_text`` (``structured.generate_structured``'s API result).
+    def structured(self, prompt: str | ModelPrompt, schema_text: Any, max_new_tokens: Any, temperature: Any = 0.0,
+                   seed: Any = None, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """``structured_result`` as the API's JSON object (the Structured tab, MCP, tests)."""
+        return self.structured_result(prompt, schema_text, max_new_tokens, temperature, seed, cancel).to_api()
 
-        ``rendered``: ``prompt`` is the whole prompt as the model is to see it (a conversation from
-        ``render_conversation`` that already says what to answer, as tool calling builds it): it is
-        neither extended with the schema nor wrapped in the chat template again."""
-        from slm_app import remote, structured
+    def structured_result(self, prompt: str | ModelPrompt, schema_text: Any, max_new_tokens: Any,
+                          temperature: Any = 0.0, seed: Any = None, cancel: threading.Event | None = None, *,
+                          rendered: bool = False) -> structured.StructuredResult:
+        """JSON valid against ``schema_text``, through ``structured.generate_structured`` on this
+        service's engine (which decides how the schema is honoured).
 
+        A ``ModelPrompt`` prompt is a conversation in the model's format (``conversation.render``);
+        the instruction goes into its last message when it has messages. ``rendered``: the prompt
+        already says what to answer (tool calling builds it so): used as is, no instruction added."""
         if not isinstance(schema_text, str):
             raise RequestError("schema must be JSON text", param="schema")
         check_text("schema", schema_text)
         params = self.sampling(max_new_tokens, temperature, seed=seed, cap=self.limits.max_structured_tokens)
-        self.check_prompt(prompt, templated=rendered)
+        self.check_prompt(prompt)
+        base = prompt if isinstance(prompt, ModelPrompt) else None
+        text = prompt if base is None else base.text
+        if base is not None and base.messages and not rendered:
+            text = base.messages[-1]["content"]
         start = time.perf_counter()
         try:
-            if isinstance(engine := self.ready(), remote.RemoteEngine):  # no local logits: its own path
-                api = remote.generate_structured_remote(self, engine, prompt, schema_text, params, cancel,
-                                                        rendered=rendered)
-            else:
-                api = structured.generate_structured(
-                    ServiceRunner(self, cancel, templated=rendered), prompt, schema_text, limits=self.limits,
-                    max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                    seed=params.seed, instruct=not rendered).to_api()
+            result = structured.generate_structured(
+                ServiceRunner(self, cancel, base=base, rendered=rendered), text, schema_text, limits=self.limits,
+                max_new_tokens=params.max_new_tokens, temperature=params.temperature, seed=params.seed,
+                instruct=not rendered)
         except structured.SchemaError as exc:
             self.metrics.record("structured_result", "bad_schema", time.perf_counter() - start)
             raise RequestError(f"schema: {exc}", param="schema") from None
-        self.metrics.record("structured_result", "ok" if api["success"] else "invalid_output",
+        self.metrics.record("structured_result", "ok" if result.success else "invalid_output",
                             time.perf_counter() - start)
-        return api
+        return result
 
     def model_id(self) -> str:
         """The model being served (or, before it loads, the one configured)."""
@@ -400,7 +372,7 @@ class GenerationService:
             "model": info.model_id if info else self.tier.model,
             "model_info": info.to_dict() if info else None,
             "limits": self.limits.model_dump(),
-            "slots": engine.load() if engine is not None else None,
+            "slots": engine.occupancy().to_dict() if engine is not None else None,
             "memory_usage": {"rss_mb": round(rss, 1), "usable_mb": round(usable, 1),
                              "percent_of_usable": round(100 * rss / usable, 1)},
             "rss_mb": round(rss, 1),
@@ -411,42 +383,47 @@ class GenerationService:
 
 
 class ServiceRunner:
-    """What the structured-output engine needs from the model, through the service's run path
-    (``slm_app.structured.StructuredRunner``); ``cancel`` set ends the running attempt. ``templated``:
-    prompts are already in the model's format (a rendered conversation), not wrapped again."""
+    """What structured output needs from the engine, through the service's run path
+    (``slm_app.structured.StructuredRunner``); ``cancel`` set ends the running attempt.
+
+    Texts from the structured path become prompts in the engine's format: the user turn of the chat
+    template; with ``base`` (a conversation with messages), its last message; ``rendered``: ``base``
+    itself, as is."""
 
     def __init__(self, service: GenerationService, cancel: threading.Event | None = None,
-                 templated: bool = False):
-        self._service, self._cancel, self._templated = service, cancel, templated
+                 base: ModelPrompt | None = None, rendered: bool = False):
+        self._service, self._cancel, self._base, self._rendered = service, cancel, base, rendered
         self._engine = service.ready()
         info = self._engine.info()
         # 0: a model that does not say (a remote one): its server enforces its own context.
         self.model_id, self.max_sequence_tokens = info.model_id, info.n_ctx or 1 << 30
-        self.vocab_width = self._engine.vocab_width
 
-    def llguidance_tokenizer(self) -> Any:
-        return self._engine.llguidance_tokenizer()
+    def schema_plan(self, schema: dict, budget: int, steer: bool = True) -> structured.SchemaPlan:
+        return self._engine.schema_plan(schema, budget, steer)
 
-    def _model_text(self, text: str) -> str:
-        return text if self._templated else self._engine.format_prompt(text, True)
+    def _model_prompt(self, text: str) -> ModelPrompt:
+        base = self._base
+        if base is not None and self._rendered:
+            return base if text == base.text else ModelPrompt(text)
+        if base is not None and base.messages:
+            return base.with_last_content(text)
+        return self._engine.format_prompt(text, True)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._engine.tokenize(self._model_text(text)))
+        return self._service.prepare(self._model_prompt(text)).n_tokens
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams,
-                 constraints: Sequence[TokenConstraint]) -> list[Completion]:
+    def generate(self, prompts: Sequence[str], params: SamplingParams, constraints: Sequence[Any]) -> list[Completion]:
         out = []
         for prompt, constraint in zip(prompts, constraints):
-            text = self._model_text(prompt)
-            prepared = PreparedPrompt(text, self._engine.tokenize(text))
+            prepared = self._service.prepare(self._model_prompt(prompt))
             generation = self._service.start("structured", prepared, params, constraint)
             final = generation.snapshot()
             for final in generation.updates():
                 if self._cancel is not None and self._cancel.is_set():
                     generation.cancel()
-            self._service.raise_failure(final)
+            if final.failure is not Failure.FORMAT_REJECTED:  # the plan may ask another way
+                raise_failure(final)
             if final.finish_reason == "cancelled":
                 raise RequestError("cancelled", status=499)
             out.append(final)
         return out
-

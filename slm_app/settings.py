@@ -106,7 +106,7 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
 }
 
 
-# "remote": no model here; requests go to an OpenAI-compatible server (slm_app.remote).
+# "remote": no model here; requests go to an OpenAI-compatible server (slm_app.engines.remote).
 BackendName = Literal["tensorflow", "llama.cpp", "fake", "remote"]
 
 

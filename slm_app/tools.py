@@ -39,8 +39,12 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
-from slm_app import structured
-from slm_app.service import GenerationService, RequestError
+from slm_app import conversation, structured
+from slm_app.engines.base import ModelPrompt
+from slm_app.structured.generation import _without_annotations
+from slm_app.structured.intake import _subschemas
+from slm_app.errors import RequestError
+from slm_app.service import GenerationService
 from slm_app.settings import TierLimits
 
 __all__ = ["MAX_PARALLEL_CALLS", "Tool", "ToolAnswer", "ToolCall", "ToolSet", "call_tools", "conversation_turns",
@@ -113,7 +117,7 @@ class ToolSet:
         for t in self.callable:
             about = f": {t.description.strip().rstrip('.')}." if t.description.strip() and detail else ""
             if detail:
-                shown = t.parameters if detail == 2 else structured._without_annotations(t.parameters)
+                shown = t.parameters if detail == 2 else _without_annotations(t.parameters)
                 args = json.dumps(shown, separators=(",", ":"), ensure_ascii=False)
                 lines.append(f"- {t.name}{about} Arguments (JSON Schema): {args}")
             else:
@@ -135,7 +139,7 @@ def _embedded(parameters: dict[str, Any], base: str) -> dict[str, Any]:
     "#") rewritten to point inside it there. ``$id``/``$schema`` are dropped at its root (they would
     make it a resource of its own); the arguments are also validated against the original."""
     schema = copy.deepcopy({k: v for k, v in parameters.items() if k not in ("$id", "$schema")})
-    for _path, node in structured._subschemas(schema):
+    for _path, node in _subschemas(schema):
         for key in _REF_KEYWORDS:
             ref = node.get(key)
             if isinstance(ref, str) and (ref in ("", "#") or ref.startswith("#/")):
@@ -235,7 +239,7 @@ def parse_tools(tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = 
 def _check_local_refs(schema: dict[str, Any], param: str) -> None:
     """Every "#/..." reference must point at something in the schema: said here, for this tool, rather
     than later by the compiler about the combined schema's rewritten paths."""
-    for path, node in structured._subschemas(schema):
+    for path, node in _subschemas(schema):
         for key in _REF_KEYWORDS:
             ref = node.get(key)
             if not (isinstance(ref, str) and ref.startswith("#/")):
@@ -322,16 +326,16 @@ def with_tools(turns: list[dict[str, str]], tool_set: ToolSet, detail: int = 2) 
     return [{"role": "system", "content": block}, *turns]
 
 
-def render_prompt(service: GenerationService, tool_set: ToolSet, turns: list[dict[str, str]]) -> str:
-    """The conversation with the tools block, rendered for the model (its chat template, else a
-    transcript), with as much detail about the parameters as the tier's prompt limits allow."""
-    lim, engine = service.limits, service.ready()
-    text = ""
+def render_prompt(service: GenerationService, tool_set: ToolSet, turns: list[dict[str, str]]) -> ModelPrompt:
+    """The conversation with the tools block, rendered for the model (``conversation.render``: its chat
+    template, else a transcript), with as much detail about the parameters as the tier's prompt limits allow."""
+    lim = service.limits
+    prompt = ModelPrompt("")
     for detail in (2, 1, 0):
-        text, _templated = service.render_conversation(with_tools(turns, tool_set, detail))
-        if len(text) <= lim.max_prompt_chars and len(engine.tokenize(text)) <= lim.max_prompt_tokens:
+        prompt = conversation.render(service, with_tools(turns, tool_set, detail)).prompt
+        if len(prompt.text) <= lim.max_prompt_chars and service.prepare(prompt).n_tokens <= lim.max_prompt_tokens:
             break
-    return text  # the least detailed when nothing fits: check_prompt then says how long it is
+    return prompt  # the least detailed when nothing fits: check_prompt then says how long it is
 
 
 # ---- the answer -----------------------------------------------------------------------------------
@@ -376,9 +380,9 @@ def call_tools(service: GenerationService, tool_set: ToolSet, turns: list[dict[s
     hold the smallest call (``tools``), 422 when no valid output came from the engine's attempts."""
     if not tool_set.active:
         raise ValueError("call_tools needs tools and a tool_choice other than 'none'")
-    text = render_prompt(service, tool_set, turns)
+    prompt = render_prompt(service, tool_set, turns)
     try:
-        prepared = service.check_prompt(text, templated=True, param="messages")
+        prepared = service.check_prompt(prompt, param="messages")
     except RequestError as exc:
         if exc.status != 413:
             raise
@@ -386,21 +390,20 @@ def call_tools(service: GenerationService, tool_set: ToolSet, turns: list[dict[s
                            413, exc.param) from None
     schema = tool_set.output_schema()
     try:
-        api = service.structured(text, json.dumps(schema, ensure_ascii=False), max_new_tokens, temperature, seed,
-                                 cancel, rendered=True)
+        result = service.structured_result(prompt, json.dumps(schema, ensure_ascii=False), max_new_tokens, temperature,
+                                    seed, cancel, rendered=True)
     except RequestError as exc:
         if exc.param != "schema":
             raise
         # The tools' schemas were vetted one by one: what is left is the whole not fitting the budget.
         raise RequestError("tools: " + exc.message.removeprefix("schema: "), exc.status, "tools") from None
-    base = dict(prompt_tokens=len(prepared.ids), completion_tokens=int(api.get("tokens") or 0),
-                raw_text=api.get("raw_text") or "", details=api)
-    error = api.get("error") or ""
-    if not api["success"]:
-        if error.startswith("truncated"):
-            return ToolAnswer("length", content=base["raw_text"], **base)
-        raise RequestError(f"no valid tool call or answer was produced: {error}", status=422, param="tools")
-    data = api["data"]
+    base = dict(prompt_tokens=prepared.n_tokens, completion_tokens=result.tokens, raw_text=result.raw_text,
+                details=result.to_api())
+    if not result.success:
+        if result.outcome is structured.Outcome.TRUNCATED:
+            return ToolAnswer("length", content=result.raw_text, **base)
+        raise RequestError(f"no valid tool call or answer was produced: {result.error}", status=422, param="tools")
+    data = result.data
     if "content" in data:
         return ToolAnswer("stop", content=data["content"], **base)
     calls = []

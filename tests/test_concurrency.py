@@ -125,10 +125,10 @@ def test_a_client_that_disconnects_frees_its_slot(app):
         for line in lines:
             if line.startswith("data: "):
                 break
-        assert app.service.engine.load()["running"] == 1
+        assert app.service.engine.occupancy().running == 1
     # The connection is closed: the slot must be free long before the 64 tokens would have taken.
     deadline = time.monotonic() + 10
-    while app.service.engine.load()["running"]:
+    while app.service.engine.occupancy().running:
         assert time.monotonic() < deadline, "the slot of a disconnected client was not freed"
         time.sleep(0.01)
     outcomes = app.service.metrics.requests.labels("completions", "cancelled")._value.get()

@@ -198,7 +198,7 @@ def test_a_long_evaluation_can_be_cancelled(app, client) -> None:
 
     for _ in range(50):  # the generator stops at its next step; then nothing more is generated
         time.sleep(0.1)
-        if evaluated() == settled and app.service.engine.load()["running"] == 0:
+        if evaluated() == settled and app.service.engine.occupancy().running == 0:
             break
         settled = evaluated()
     time.sleep(1)
@@ -297,7 +297,7 @@ def test_llama_perplexity_matches_llama_cpp_within_one_percent(tmp_path) -> None
 
 
 def test_method_is_checked_below_the_ui_too(app) -> None:
-    from slm_app.service import RequestError
+    from slm_app.errors import RequestError
 
     with pytest.raises(RequestError, match="method must be one of auto, chunks, sliding"):
         evaluate.perplexity(app.service.ready(), LIKELY, method="best")

@@ -219,7 +219,7 @@ def test_batch_runs_its_prompts_concurrently_and_in_order(gradio, app, upstream)
 
     def watch():  # the engine's own count of requests open upstream at once
         while not stop.is_set():
-            peak[0] = max(peak[0], app.service.engine.load()["running"])
+            peak[0] = max(peak[0], app.service.engine.occupancy().running)
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch)
@@ -320,11 +320,11 @@ def test_a_dropped_client_closes_the_upstream_stream(app, upstream):
         lines = r.iter_lines()
         data = [line for _, line in zip(range(20), lines) if line.startswith("data: ")]
         assert data
-        assert app.service.engine.load()["running"] == 1
+        assert app.service.engine.occupancy().running == 1
     # The client left after a few tokens: the app cancels, closing its upstream response, and the
     # upstream notices its client is gone (llama-cpp-python prints this) and stops generating.
     wait_for(lambda: upstream.log().count("Disconnected from client") > before, timeout=60)
-    wait_for(lambda: app.service.engine.load()["running"] == 0, timeout=10)
+    wait_for(lambda: app.service.engine.occupancy().running == 0, timeout=10)
     # And it is free for the next request at once.
     r = httpx.post(app.url + "v1/completions", json={**body, "stream": False, "max_tokens": 4}, timeout=120)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")

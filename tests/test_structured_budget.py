@@ -19,11 +19,11 @@ import llguidance
 import numpy as np
 import pytest
 
-from slm_app.service import GenerationService, RequestError, ServiceRunner
+from slm_app.errors import RequestError
+from slm_app.service import GenerationService, ServiceRunner
 from slm_app.settings import Settings, TierLimits
-from slm_app.structured import (
-    NEAR, JsonSchemaConstraint, SchemaError, compile_schema, parse_schema, validate_output, walk_to_completion,
-)
+from slm_app.structured import JsonSchemaConstraint, SchemaError, compile_schema, parse_schema, validate_output
+from slm_app.structured.walk import NEAR, walk_to_completion
 
 ROOMY = TierLimits(max_prompts=1, max_new_tokens=32, max_structured_tokens=1_024, max_prompt_chars=1_000,
                    max_prompt_tokens=256)
@@ -41,7 +41,7 @@ def service(tmp_path_factory) -> Iterator[GenerationService]:
 
 @pytest.fixture(scope="module")
 def tok(service) -> llguidance.LLTokenizer:
-    return service.ready().llguidance_tokenizer()
+    return service.ready().capabilities.logits.llguidance_tokenizer()
 
 
 def obj(props: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:

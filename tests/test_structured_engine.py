@@ -377,7 +377,7 @@ def _served_past_the_ladder(schema: dict, tok: llguidance.LLTokenizer, error: st
 
 def _strict_only(schema: dict, tok: llguidance.LLTokenizer) -> None:
     """The ladder's rungs without the last one fail on this schema (what the last rung is for)."""
-    from slm_app.structured import _COMPACT, _LADDER, _PARSER_LIMITS
+    from slm_app.structured.compile import _COMPACT, _LADDER, _PARSER_LIMITS
 
     errors = []
     for _, options in _LADDER:
@@ -429,12 +429,12 @@ class RecordingRunner:
     """The service's structured runner, recording the seed of each attempt."""
 
     def __init__(self, inner: ServiceRunner):
-        self.inner, self.model_id, self.vocab_width = inner, inner.model_id, inner.vocab_width
+        self.inner, self.model_id = inner, inner.model_id
         self.max_sequence_tokens = inner.max_sequence_tokens
         self.seeds: list[int | None] = []
 
-    def llguidance_tokenizer(self) -> Any:
-        return self.inner.llguidance_tokenizer()
+    def schema_plan(self, schema: dict, budget: int, steer: bool = True) -> Any:
+        return self.inner.schema_plan(schema, budget, steer)
 
     def count_tokens(self, text: str) -> int:
         return self.inner.count_tokens(text)
@@ -653,7 +653,7 @@ def test_real_schemas_accept_valid_and_reject_invalid_instances(tok, hf) -> None
 
 
 def test_budget_bounds_narrow_only_unbounded_strings_and_arrays() -> None:
-    from slm_app.structured import bound_for_budget, budget_bounds
+    from slm_app.structured.compile import bound_for_budget, budget_bounds
 
     schema = {"type": "object", "properties": {
         "free": {"type": "string"},

@@ -45,9 +45,10 @@ from starlette.exceptions import HTTPException  # FastAPI's is a subclass
 from starlette.types import Message
 
 from slm_app.backends.base import SamplingParams
-from slm_app.engine import PreparedPrompt
+from slm_app.engines.base import PreparedPrompt
 from slm_app.scheduler import Completion
-from slm_app.service import GenerationService, RequestError
+from slm_app.errors import RequestError, raise_failure
+from slm_app.service import GenerationService
 
 log = logging.getLogger(__name__)
 
@@ -368,10 +369,10 @@ async def generation_steps(service: GenerationService, endpoint: str, prompts: S
 
     def check() -> None:
         if all(s.finish_reason == "timeout" and s.completion_tokens == 0 for s in latest):
-            GenerationService.raise_failure(latest[0])  # 504: the timeout left nothing at all to give
+            raise_failure(latest[0])  # 504: the timeout left nothing at all to give
         for snap in latest:
             if snap.finish_reason == "error":
-                GenerationService.raise_failure(snap)
+                raise_failure(snap)
 
     tasks = [asyncio.create_task(follow(i, g)) for i, g in enumerate(generations)]
     try:

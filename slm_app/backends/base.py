@@ -15,7 +15,7 @@ What a backend provides is what only it can do:
 * facts: ``info`` (typed ``ModelInfo``), ``limits`` (``SlotLimits``).
 
 A backend that talks to a remote server instead of holding a model is request-level and does not
-implement this contract: it sits behind the service as another ``Engine`` (``slm_app.engine``).
+implement this contract: it sits behind the service as another ``Engine`` (``slm_app.engines``).
 """
 
 from __future__ import annotations

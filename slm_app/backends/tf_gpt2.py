@@ -36,6 +36,9 @@ compiler, ``SLM_MATVEC_KERNEL=false``) decode runs >= 2 rows, a lone row beside 
 (``SLM_BATCH_INVARIANT=false`` gives up that guarantee for XLA's faster 1-row kernel); decode
 attention is computed per row, and prefill always runs 32-token blocks over the whole slot, so
 however the scheduler splits a prompt each token sees the same arithmetic.
+
+Size: over 500 lines on purpose: the compiled forward, its fixed shapes and their warm-up must agree
+with each other, so they stay one unit.
 """
 
 from __future__ import annotations

@@ -1,49 +1,26 @@
 """The Gradio Blocks UI. Each tab's main event is also a named API endpoint (``api_name``),
 which is the public contract for ``gradio_client`` and for MCP tools.
 
-This module only adapts: it turns UI values into service calls and service
-``RequestError``s into ``gr.Error`` messages. Rules live in ``slm_app.service``.
+This module only adapts: it turns UI values into service calls (refused requests become ``gr.Error``
+messages through ``ui.errors.user_errors``). Rules live in ``slm_app.service``. The other tabs are
+``ui.chat``, ``ui.tools`` (function calling in the Structured tab) and ``ui.evaluate``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
 
-from slm_app import ui_chat, ui_evaluate, ui_tools
+from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, tools as ui_tools
 from slm_app.presets import PRESETS
-from slm_app.service import GenerationService, RequestError
-from slm_app.ui_controls import sampling_controls, structured_controls
+from slm_app.service import GenerationService
+from slm_app.ui.controls import sampling_controls, structured_controls
+from slm_app.ui.errors import user_errors
 
 _CONCURRENCY_ID = "model"  # generate, batch and structured: requests for the scheduler's slots
-
-
-def _user_errors(fn: Callable) -> Callable:
-    """Show a refused request as a gr.Error (a clear message, the app keeps serving)."""
-
-    @functools.wraps(fn)
-    def call(*args: Any) -> Any:
-        try:
-            return fn(*args)
-        except RequestError as exc:
-            raise gr.Error(exc.message, print_exception=False) from None
-
-    return call
-
-
-def _user_errors_stream(fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
-    @functools.wraps(fn)
-    def call(*args: Any) -> Iterator:
-        try:
-            yield from fn(*args)
-        except RequestError as exc:
-            raise gr.Error(exc.message, print_exception=False) from None
-
-    return call
 
 
 def _banner(service: GenerationService) -> str:
@@ -82,7 +59,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
     model_events: dict[str, Any] = {"concurrency_limit": gradio_concurrency(service),
                                     "concurrency_id": _CONCURRENCY_ID}
 
-    @_user_errors_stream
+    @user_errors
     def generate(prompt: str, max_new_tokens: float, temperature: float, top_p: float, seed: float | None,
                  top_k: float = 0, stop: str = "", use_chat_template: bool = True,
                  repeat_penalty: float = 1.0) -> Iterator[str]:
@@ -104,7 +81,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                                            stop=stops, use_chat_template=use_chat_template,
                                            repeat_penalty=repeat_penalty)
 
-    @_user_errors
+    @user_errors
     def batch(prompts: str, max_new_tokens: float, temperature: float) -> dict[str, list[str]]:
         """Generate for several prompts (one per line), decoded together; results come back in order.
 
@@ -115,7 +92,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
         """
         return {"results": [s.text for s in service.batch(prompts, max_new_tokens, temperature)]}
 
-    @_user_errors
+    @user_errors
     def structured(prompt: str, schema: str, max_new_tokens: float, temperature: float,
                    seed: float | None) -> dict[str, Any]:
         """Generate JSON that validates against the given JSON Schema (constrained decoding, then jsonschema).
@@ -183,7 +160,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                 s_status = gr.Markdown()
                 s_out = gr.JSON(label="Result")
                 s_raw = gr.Textbox(label="Raw model output", lines=3)
-            function_mode = ui_tools.build_function_call_mode(service, model_events, _user_errors)
+            function_mode = ui_tools.build_function_call_mode(service, model_events)
             s_mode.change(lambda mode: (gr.Column(visible=mode == "JSON Schema"),
                                         gr.Column(visible=mode == "Function call")),
                           s_mode, [schema_mode, function_mode], api_visibility="private", queue=False)

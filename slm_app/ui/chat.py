@@ -1,10 +1,8 @@
 """The Chat tab, and feedback controls (on chat answers, on Generate's output, on Health).
 
-Chat (``api_name="chat"``) is Gradio's ``ChatInterface`` over the service: the conversation goes
-through the model's chat template (``Engine.render_chat``); a model without one gets a plain
-"System: / User: / Assistant:" transcript, as the OpenAI chat route does, with "\\nUser:" as a stop
-string so a raw model does not write the user's next turn. When a long conversation passes the tier's
-prompt limit, the oldest turns are left out (the system prompt stays).
+Chat (``api_name="chat"``) is Gradio's ``ChatInterface`` over the service; the conversation is
+rendered and trimmed to the tier's prompt limit by ``slm_app.conversation``, as the OpenAI chat route
+and tool calling do (chat template, or a transcript with its stop string; oldest exchanges out first).
 
 Feedback: 👍/👎 on an answer stores it at once (as rating 5 / 1) with the conversation, the model and
 the sampling settings; the form under it then changes the rating or adds a corrected answer to that
@@ -15,30 +13,20 @@ HTTP). Nothing is stored unless the user sends feedback; the page says so.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator, Sequence
 
 import gradio as gr
 
-from slm_app.engine import PreparedPrompt
 from slm_app.feedback import THUMB_RATING, FeedbackStore, sampling_record, store_for
-from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
-from slm_app.ui_controls import sampling_controls
+from slm_app.errors import RequestError
+from slm_app import conversation
+from slm_app.service import GenerationService
+from slm_app.ui.controls import sampling_controls
+from slm_app.ui.errors import user_errors
 
 CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_p", "seed")
 PRIVACY_NOTE = ("🔒 Nothing you type is stored. Only feedback you send (👍 / 👎, a rating, a correction) is "
                 "saved, with the conversation it is about, to improve the model.")
-
-
-def _gr_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RequestError as exc:
-            raise gr.Error(exc.message, print_exception=False) from None
-
-    return call
 
 
 def message_text(content: Any) -> str:
@@ -53,7 +41,7 @@ def message_text(content: Any) -> str:
     return ""
 
 
-def conversation(system_prompt: str | None, history: Sequence[dict[str, Any]], message: str | None = None
+def history_turns(system_prompt: str | None, history: Sequence[dict[str, Any]], message: str | None = None
                  ) -> list[dict[str, str]]:
     turns = [{"role": "system", "content": system_prompt.strip()}] if system_prompt and system_prompt.strip() else []
     for m in history:
@@ -67,37 +55,13 @@ def conversation(system_prompt: str | None, history: Sequence[dict[str, Any]], m
 
 
 
-def fit_conversation(service: GenerationService, turns: list[dict[str, str]]) -> tuple[PreparedPrompt, bool]:
-    """The prompt within the tier's limits, leaving out the oldest exchanges when it is too long."""
-    while True:
-        text, templated = service.render_conversation(turns)
-        try:
-            return service.check_prompt(text, templated=True, param="message"), templated
-        except RequestError as exc:
-            system = 1 if turns and turns[0]["role"] == "system" else 0
-            # Drop the oldest user/assistant exchange; the last user turn itself is never dropped.
-            if exc.status != 413 or len(turns) - system <= 1:
-                raise
-            del turns[system:system + 2]
-
-
 def chat_stream(service: GenerationService, message: str, history: list[dict[str, Any]], system_prompt: str,
                 max_new_tokens: float, temperature: float, top_p: float, seed: float | None) -> Iterator[str]:
     if not isinstance(message, str) or not message.strip():
         raise RequestError("message is empty: type something to say", param="message")
     params = service.sampling(max_new_tokens, temperature, top_p, seed=seed)
-    prepared, templated = fit_conversation(service, conversation(system_prompt, history or [], message))
-    if not templated:
-        params = dataclasses.replace(params, stop=params.stop + (TRANSCRIPT_STOP,))
-    last = None
-    for snap in service.start("chat", prepared, params).updates():
-        service.raise_failure(snap)
-        text = snap.text.lstrip()  # templates and transcripts leave a space or newline before the answer
-        if text != last:
-            last = text
-            yield text
-    if last is None:
-        yield ""
+    prepared, rendered = conversation.fit(service, history_turns(system_prompt, history or [], message))
+    yield from service.stream_text("chat", prepared, rendered.with_stops(params), answer=True)
 
 
 # ---- the feedback form ----------------------------------------------------------------------------------
@@ -129,7 +93,7 @@ def _form(store: FeedbackStore, label: str, open: bool = True) -> FeedbackForm:
         update = gr.Button("Update feedback")
     form = FeedbackForm(saved, answer, rating, correction, update, status, box)
 
-    @_gr_errors
+    @user_errors
     def update_feedback(saved: dict | None, rating: Any, correction: str) -> str:
         if not saved:
             raise RequestError("click 👍 or 👎 on an answer first: that sends the feedback this form updates")
@@ -162,6 +126,7 @@ def build_chat_tab(service: GenerationService) -> None:
             tokens, temp, top_p, seed = sampling_controls(lim, tokens=64, temperature=0.7)
         chatbot = gr.Chatbot(label="Conversation", height=380, feedback_options=("Like", "Dislike"))
 
+        @user_errors
         def chat(message: str, history: list[dict[str, Any]], system_prompt: str, max_new_tokens: float,
                  temperature: float, top_p: float, seed: float | None) -> Iterator[str]:
             """Chat with the model: send one message, get the answer streamed; the session keeps the conversation.
@@ -174,11 +139,8 @@ def build_chat_tab(service: GenerationService) -> None:
                 top_p: Nucleus sampling in (0, 1]; 1 turns it off.
                 seed: A whole number for reproducible sampling; -1 for random.
             """
-            try:
-                yield from chat_stream(service, message, history, system_prompt, max_new_tokens, temperature,
-                                       top_p, seed)
-            except RequestError as exc:
-                raise gr.Error(exc.message, print_exception=False) from None
+            yield from chat_stream(service, message, history, system_prompt, max_new_tokens, temperature, top_p,
+                                   seed)
 
         # The chat's events share the model's slots with Generate/Batch: the scheduler is the queue.
         # Our own textbox only for a stable id: ChatInterface clears the placeholder after the first turn.
@@ -189,13 +151,13 @@ def build_chat_tab(service: GenerationService) -> None:
                          autofocus=False, fill_height=False)
         form = _form(store, "Feedback on an answer (👍 / 👎 on it first)")
 
-        @_gr_errors
+        @user_errors
         def on_like(history: list[dict[str, Any]], system_prompt: str, max_new_tokens: Any, temperature: Any,
                     top_p: Any, seed: Any, like: gr.LikeData) -> tuple:
             if not isinstance(like.liked, bool) or not isinstance(like.index, int):
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             answer = message_text(history[like.index].get("content"))
-            before = conversation(system_prompt, history[: like.index])
+            before = history_turns(system_prompt, history[: like.index])
             rating = THUMB_RATING[like.liked]
             feedback_id = store.add(
                 messages=before, output=answer, rating=rating, model=service.model_id(), source="chat",
@@ -204,7 +166,7 @@ def build_chat_tab(service: GenerationService) -> None:
 
         chatbot.like(on_like, [chatbot, system, tokens, temp, top_p, seed], form.outputs, api_visibility="private")
 
-        @_gr_errors
+        @user_errors
         def feedback(output: str, rating: int, prompt: str = "", messages: str = "", correction: str = "",
                      model: str = "") -> dict[str, Any]:
             """Send feedback on a model's answer; it is stored for fine-tuning (rated 4-5 answers are exported).
@@ -238,7 +200,7 @@ def build_output_feedback(service: GenerationService, prompt: gr.Textbox, output
     names = [name for name, _ in sampling]
 
     def thumb(liked: bool) -> Callable:
-        @_gr_errors
+        @user_errors
         def send(prompt_text: str, output_text: str, *values: Any) -> tuple:
             if not output_text or not output_text.strip():
                 raise RequestError("there is no output to rate yet: generate something first")

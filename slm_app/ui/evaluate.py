@@ -9,34 +9,24 @@ a time (their own concurrency group), so an evaluation never takes every slot fr
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 import pandas as pd
 
 from slm_app import evaluate
 from slm_app.feedback import store_for
-from slm_app.service import GenerationService, RequestError
+from slm_app.errors import RequestError
+from slm_app.service import GenerationService
+from slm_app.ui.errors import user_errors
 
 KINDS = [("Behavioural checks", "checks"), ("ROUGE-L", "rouge")]
 DEFAULTS = {"checks": evaluate.DEFAULT_CHECKS, "rouge": evaluate.DEFAULT_ROUGE}
 _CHECK_COLUMNS = ["name", "result", "details", "output", "prompt"]
 _ROUGE_COLUMNS = ["prompt", "reference", "generation", "rougeL_f1", "rougeL_precision", "rougeL_recall"]
 _EVALUATION = {"concurrency_id": "evaluate", "concurrency_limit": 1}
-
-
-def _gr_errors_stream(fn: Callable[..., Iterator]) -> Callable[..., Iterator]:
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Iterator:
-        try:
-            yield from fn(*args, **kwargs)
-        except RequestError as exc:
-            raise gr.Error(exc.message, print_exception=False) from None
-
-    return call
 
 
 def _read_upload(path: str | None, pasted: str | None, what: str) -> str:
@@ -67,7 +57,7 @@ def build_evaluate_tab(service: GenerationService) -> None:
     """The Evaluate tab; call inside the app's ``gr.Blocks``."""
     lim = service.limits
 
-    @_gr_errors_stream
+    @user_errors
     def perplexity(text: str, file: str | None, ctx: float, method: str,
                    progress: gr.Progress = gr.Progress()) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
         """Perplexity of a text under the loaded model: PPL, its ± estimate, tokens scored, per-chunk PPL.
@@ -88,7 +78,7 @@ def build_evaluate_tab(service: GenerationService) -> None:
             result = report.to_dict()
             yield result, _chunk_frame(result)
 
-    @_gr_errors_stream
+    @user_errors
     def run_evaluation(kind: str, data: str, file: str | None, max_new_tokens: float, temperature: float,
                        progress: gr.Progress = gr.Progress()) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
         """ROUGE-L against references, or behavioural checks, over a JSONL dataset; a summary and a table.

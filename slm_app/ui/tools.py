@@ -9,9 +9,11 @@ from typing import Any
 
 import gradio as gr
 
-from slm_app import tools
-from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError, check_text
-from slm_app.ui_controls import structured_controls
+from slm_app import conversation, tools
+from slm_app.errors import RequestError, raise_failure
+from slm_app.service import GenerationService, check_text
+from slm_app.ui.controls import structured_controls
+from slm_app.ui.errors import user_errors
 
 EXAMPLE_TOOLS = [
     {"type": "function", "function": {
@@ -71,12 +73,10 @@ def function_call_answer(service: GenerationService, prompt: Any, tools_json: An
                 "tool_calls": [c.to_openai() for c in answer.calls], "tokens": answer.completion_tokens,
                 "raw_text": answer.raw_text}
     # "none": a plain chat answer, with the tab's token budget.
-    text, templated = service.render_conversation(turns)
-    params = service.sampling(max_new_tokens, temperature, seed=seed, stop=[] if templated else [TRANSCRIPT_STOP],
-                              use_chat_template=not templated, cap=lim.max_structured_tokens)
-    prepared = service.check_prompt(text, params.use_chat_template, templated=templated)
-    final = service.start("function_call", prepared, params).result()
-    service.raise_failure(final)
+    params = service.sampling(max_new_tokens, temperature, seed=seed, cap=lim.max_structured_tokens)
+    prepared, rendered = conversation.fit(service, turns, param="prompt")
+    final = service.start("function_call", prepared, rendered.with_stops(params)).result()
+    raise_failure(final)
     return {"finish_reason": "length" if final.finish_reason in ("length", "timeout") else "stop",
             "content": final.text.lstrip(), "tool_calls": [], "tokens": final.completion_tokens,
             "raw_text": final.text}
@@ -95,8 +95,7 @@ def _status(result: dict | None) -> str:
     return f"💬 The model answered in text (no call) · {result.get('tokens')} tokens"
 
 
-def build_function_call_mode(service: GenerationService, model_events: dict[str, Any], user_errors: Any
-                             ) -> gr.Column:
+def build_function_call_mode(service: GenerationService, model_events: dict[str, Any]) -> gr.Column:
     """The mode's controls in a column (hidden until the tab's mode selector shows it)."""
     lim = service.limits
 

@@ -1,0 +1,78 @@
+"""The local engine: a backend in this process (TensorFlow, llama.cpp, the fake), driven by the one
+scheduler that owns it. It holds the model's logits, so it honours a JSON Schema with an llguidance
+token constraint in the decode loop and can score text (perplexity)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from slm_app.backends import load_backend
+from slm_app.backends.base import Backend, ModelInfo, SamplingParams
+from slm_app.engines.base import Capabilities, Engine, Message, ModelPrompt, Occupancy, PreparedPrompt
+from slm_app.scheduler import Completion, Generation, Scheduler
+from slm_app.settings import EngineConfig
+from slm_app.structured.compile import compile_schema
+from slm_app.structured.constraint import TokenConstraintPlan
+
+
+class LocalEngine(Engine):
+    """A backend in this process, driven by one scheduler. It is its own ``LogitsAccess``."""
+
+    def __init__(self, backend: Backend, queue_size: int):
+        self.backend = backend
+        self.scheduler = Scheduler(backend, queue_size=queue_size)
+        self.capabilities = Capabilities(schema="token constraint", logits=self)
+
+    @classmethod
+    def load_from(cls, config: EngineConfig, queue_size: int) -> "LocalEngine":
+        return cls(load_backend(config), queue_size)
+
+    def info(self) -> ModelInfo:
+        return self.backend.info()
+
+    def format_prompt(self, prompt: str, use_chat_template: bool) -> ModelPrompt:
+        return ModelPrompt(self.backend.format_prompt(prompt, use_chat_template))
+
+    def render_chat(self, messages: list[Message]) -> ModelPrompt | None:
+        rendered = self.backend.render_chat(messages)
+        return None if rendered is None else ModelPrompt(rendered)
+
+    def prepare(self, prompt: ModelPrompt) -> PreparedPrompt:
+        ids = self.backend.tokenize(prompt.text)
+        return PreparedPrompt(prompt, len(ids), ids)
+
+    def submit(self, prompt: PreparedPrompt, params: SamplingParams, constraint: Any = None,
+               timeout_s: float | None = None, on_done: Callable[[Completion], None] | None = None) -> Generation:
+        return self.scheduler.submit(prompt.ids or [], params, constraint, timeout_s=timeout_s, on_done=on_done)
+
+    def schema_plan(self, schema: dict, budget: int, steer: bool = True) -> TokenConstraintPlan:
+        compiled = compile_schema(schema, self.backend.llguidance_tokenizer(), budget=budget)
+        return TokenConstraintPlan(schema, compiled, self.backend.vocab_width, steer)
+
+    def occupancy(self) -> Occupancy:
+        return Occupancy(**self.scheduler.load())
+
+    def drain(self, timeout_s: float) -> bool:
+        return self.scheduler.drain(timeout_s)
+
+    def stop_admitting(self) -> None:
+        self.scheduler.stop_admitting()
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    # ---- LogitsAccess: what only a local model offers ---------------------------------------------
+    @property
+    def vocab_width(self) -> int:
+        return self.backend.vocab_width
+
+    def llguidance_tokenizer(self) -> Any:
+        return self.backend.llguidance_tokenizer()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.backend.tokenize(text)
+
+    def score(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.scheduler.call_exclusive(lambda backend: backend.score(tokens))
