@@ -8,6 +8,7 @@ in docs/configuration.md. Pure file reading: no app, no model.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 from pathlib import Path
@@ -101,6 +102,20 @@ def named_commands(page: Path) -> list[tuple[str, Path]]:
 IMPORT = re.compile(r"^\s*from\s+(slm_app(?:\.\w+)*)\s+import\s+([\w, ]+)$", re.M)
 
 
+def top_level_names(code: str) -> set[str]:
+    """Names a module defines or imports at its top level (re-exports included), read with ``ast``."""
+    names: set[str] = set()
+    for node in ast.parse(code).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
 def broken_imports(text: str) -> list[str]:
     """``from slm_app.x import a, b`` in a page's examples: the module's file exists and defines (or
     imports) each name. Read, not imported: the examples' modules may pull in TensorFlow."""
@@ -111,10 +126,9 @@ def broken_imports(text: str) -> list[str]:
         if not source.exists():
             broken.append(f"{module}: no {_rel(source)}")
             continue
-        code = source.read_text(encoding="utf-8")
+        defined = top_level_names(source.read_text(encoding="utf-8"))
         for name in (n.strip() for n in names.split(",") if n.strip()):
-            defined = rf"^(?:def|class|async def)\s+{name}\b|^{name}\s*[:=]|^\s*(?:from\s+\S+\s+)?import\b.*\b{name}\b"
-            if not re.search(defined, code, re.M):
+            if name not in defined:
                 broken.append(f"{module}.{name}: not defined in {_rel(source)}")
     return broken
 
