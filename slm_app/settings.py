@@ -46,7 +46,7 @@ class TierProfile(BaseModel):
     """A tier's defaults: which backend, which model, which limits."""
 
     tier: Tier
-    backend: Literal["tensorflow", "llama.cpp"]
+    backend: Literal["litert", "tensorflow", "llama.cpp"]
     model: str
     float16: bool = False
     aggressive_gc: bool = False
@@ -59,7 +59,9 @@ class TierProfile(BaseModel):
 TIER_PROFILES: dict[Tier, TierProfile] = {
     Tier.free: TierProfile(
         tier=Tier.free,
-        backend="tensorflow",
+        # LiteRT: no TensorFlow in the serving process (~160 MB RSS instead of ~1 GB); SLM_BACKEND=tensorflow
+        # serves the same model through TensorFlow.
+        backend="litert",
         model="sshleifer/tiny-gpt2",
         float16=True,
         aggressive_gc=True,
@@ -107,7 +109,8 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
 
 
 # "remote": no model here; requests go to an OpenAI-compatible server (slm_app.remote).
-BackendName = Literal["tensorflow", "llama.cpp", "fake", "remote"]
+BackendName = Literal["litert", "tensorflow", "llama.cpp", "fake", "remote"]
+LiteRTWeights = Literal["float16", "float32", "int8"]
 
 
 class Settings(BaseSettings):
@@ -159,6 +162,13 @@ class Settings(BaseSettings):
     # the same bits for 1 to 8 rows, so a lone request runs alone, weights read once per step.
     # False: XLA's own matmul (also what happens when there is no C++ compiler).
     matvec_kernel: bool = True
+
+    # LiteRT backend: the weights of the converted model (default: float16 on tiers with float16 weights,
+    # else float32; int8 is dynamic-range quantization). Converted at set-up (slm_app.provisioning.litert).
+    litert_weights: LiteRTWeights | None = None
+    # LiteRT's XNNPACK delegate: faster kernels, but it repacks the weights once per signature (GPT-2 124M:
+    # 1.6 GB instead of 0.6 GB RSS). Off by default: the builtin kernels.
+    litert_xnnpack: bool = False
 
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
@@ -218,6 +228,8 @@ class EngineConfig(BaseModel):
     chat_template: bool = True
     flash_attn: Literal["auto", "on", "off"] = "auto"
     fake_step_ms: float = 0.0
+    litert_weights: LiteRTWeights = "float32"
+    litert_xnnpack: bool = False
 
 
 class ResolvedTier(BaseModel):
@@ -245,7 +257,19 @@ class ResolvedTier(BaseModel):
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
-            fake_step_ms=settings.fake_step_ms)
+            fake_step_ms=settings.fake_step_ms, litert_weights=litert_weights(self.profile, settings),
+            litert_xnnpack=settings.litert_xnnpack)
+
+
+def litert_weights(profile: TierProfile, settings: Settings) -> LiteRTWeights:
+    return settings.litert_weights or ("float16" if profile.float16 else "float32")
+
+
+def litert_target(settings: Settings) -> tuple[str, int, LiteRTWeights]:
+    """(model, KV cells, weights) of the LiteRT model ``settings`` serve: what set-up converts."""
+    resolved = resolve_tier(settings)
+    config = resolved.engine_config(settings)
+    return resolved.model, config.max_prompt_tokens + config.max_new_tokens, config.litert_weights
 
 
 def llama_cpp_installed() -> bool:
@@ -286,7 +310,9 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
     if backend == "remote":  # "remote" is an alias of whatever model the upstream serves
         model = settings.remote_model or settings.model or "remote"
     else:
-        model = settings.model or (profile.model if backend == profile.backend else backend)
+        # LiteRT serves the same GPT-2 checkpoints as TensorFlow (converted at set-up).
+        same_models = backend == profile.backend or {backend, profile.backend} == {"litert", "tensorflow"}
+        model = settings.model or (profile.model if same_models else backend)
     return ResolvedTier(profile=profile, limits=limits, model=model, backend=backend,
                         parallel=settings.parallel or profile.parallel, reason=reason)
 
