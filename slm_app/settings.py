@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     # Refuse new work (503) while RSS is at or above this many MB, or this percent of usable memory.
     memory_guard_mb: float | None = Field(default=None, gt=0)
     memory_guard_percent: float = Field(default=90.0, ge=0, le=100)  # 0 turns the guard off
+    # Memory this process may use, in MB, when the cgroup limit (else RAM) is not the figure to trust
+    # (a host that kills at its plan's limit without a cgroup saying so). Drives the start-up fit check,
+    # the auto tier and the guard's percent.
+    memory_limit_mb: float | None = Field(default=None, gt=0)
+    # At start-up, refuse a tier whose measured footprint exceeds that memory (naming the tier that fits).
+    memory_fit_check: bool = True
     # On SIGTERM: stop admitting, let running generations finish for up to this long, cancel the rest.
     drain_s: float = Field(default=30.0, ge=0)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
@@ -299,7 +305,7 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
         # The model lives on the upstream: this machine's memory and packages say nothing about it.
         tier, reason = Tier.pro, "auto: remote backend (the upstream holds the model); pro limits"
     elif settings.tier is Tier.auto:
-        tier, reason = pick_auto_tier(memory.usable_memory_mb(), llama_cpp_installed())
+        tier, reason = pick_auto_tier(memory.usable_memory_mb(settings.memory_limit_mb), llama_cpp_installed())
     else:
         tier, reason = settings.tier, f"SLM_TIER={settings.tier.value}"
     profile = TIER_PROFILES[tier]
