@@ -172,9 +172,10 @@ class Settings(BaseSettings):
     # LiteRT backend: the weights of the converted model (default: float16 on tiers with float16 weights,
     # else float32; int8 is dynamic-range quantization). Converted at set-up (slm_app.provisioning.litert).
     litert_weights: LiteRTWeights | None = None
-    # LiteRT's XNNPACK delegate: faster kernels, but it repacks the weights once per signature (GPT-2 124M:
-    # 1.6 GB instead of 0.6 GB RSS). Off by default: the builtin kernels.
-    litert_xnnpack: bool = False
+    # LiteRT's XNNPACK delegate: faster kernels (tiny-gpt2: half the time a step), but it repacks the
+    # weights once per signature (GPT-2 124M float32: 1.6 GB instead of 0.6 GB RSS). Default: on for
+    # models whose file is small (the repacking costs little), off for the others.
+    litert_xnnpack: bool | None = None
 
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
@@ -235,7 +236,7 @@ class EngineConfig(BaseModel):
     flash_attn: Literal["auto", "on", "off"] = "auto"
     fake_step_ms: float = 0.0
     litert_weights: LiteRTWeights = "float32"
-    litert_xnnpack: bool = False
+    litert_xnnpack: bool | None = None
 
 
 class ResolvedTier(BaseModel):
@@ -282,12 +283,18 @@ def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def pick_auto_tier(memory_mb: float, has_llama: bool) -> tuple[Tier, str]:
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def pick_auto_tier(memory_mb: float, has_llama: bool, has_tensorflow: bool = True) -> tuple[Tier, str]:
     """The largest tier that is installed and fits the memory this process may use."""
     pro, std = TIER_PROFILES[Tier.pro], TIER_PROFILES[Tier.standard]
     mem = f"{memory_mb:,.0f} MB usable"
     if has_llama and memory_mb >= pro.min_memory_mb:
         return Tier.pro, f"auto: llama-cpp-python installed and {mem} >= {pro.min_memory_mb:,} MB"
+    if not has_tensorflow:  # ./setup_lightweight.sh: the free tier's packages only
+        return Tier.free, "auto: TensorFlow not installed (the lightweight set-up serves the free tier)"
     if memory_mb >= std.min_memory_mb:
         why = "llama-cpp-python not installed" if not has_llama else f"{mem} < {pro.min_memory_mb:,} MB for pro"
         return Tier.standard, f"auto: {why}; {mem} >= {std.min_memory_mb:,} MB for standard"
@@ -305,7 +312,8 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
         # The model lives on the upstream: this machine's memory and packages say nothing about it.
         tier, reason = Tier.pro, "auto: remote backend (the upstream holds the model); pro limits"
     elif settings.tier is Tier.auto:
-        tier, reason = pick_auto_tier(memory.usable_memory_mb(settings.memory_limit_mb), llama_cpp_installed())
+        tier, reason = pick_auto_tier(memory.usable_memory_mb(settings.memory_limit_mb), llama_cpp_installed(),
+                                      tensorflow_installed())
     else:
         tier, reason = settings.tier, f"SLM_TIER={settings.tier.value}"
     profile = TIER_PROFILES[tier]
