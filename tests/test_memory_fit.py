@@ -14,6 +14,7 @@ import pytest
 from conftest import launch_app
 from slm_app.memory_fit import FOOTPRINT_MB, MemoryDoesNotFit, check_fit
 from slm_app.settings import Settings, Tier, resolve_tier
+from slm_app.ui_health import memory_frame
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,10 @@ def test_auto_tier_and_guard_follow_the_memory_limit_setting(tmp_path: Path) -> 
         health = httpx.get(app.url + "health", timeout=30).json()
         assert health["memory_fit"]["usable_mb"] == 512 and health["memory_usage"]["usable_mb"] == 512
         assert health["memory_guard"]["limit_mb"] == pytest.approx(512 * 0.9)
+        # The Health dashboard plots the RSS against that limit (it is within reach of the process).
+        frame = memory_frame(app.service, app.service.health())
+        assert {"RSS", "guard limit", "usable"} <= set(frame["series"])
+        assert frame[frame["series"] == "guard limit"]["MB"].tolist() == [pytest.approx(512 * 0.9)] * 2
 
 
 def test_healthz_is_liveness_and_health_is_readiness(tmp_path: Path) -> None:
