@@ -158,3 +158,16 @@ def test_free_tier_process_serves_on_litert_without_tensorflow(free_app_process)
     assert not [f for f in mapped if "/tensorflow/" in f or "/tf_keras/" in f], "TensorFlow is loaded"
     assert any("ai_edge_litert" in f for f in mapped), "LiteRT is not loaded"
     assert httpx.get(url + "health", timeout=30).json()["rss_mb"] < 400
+
+
+def test_litert_greedy_calls_give_the_tokens_of_forward_then_argmax(tmp_path: Path) -> None:
+    lite = load_backend(EngineConfig(backend="litert", model="sshleifer/tiny-gpt2", cache_dir=tmp_path, n_slots=2,
+                                     max_prompt_tokens=64, max_new_tokens=32, litert_weights="float16"))
+    try:
+        expected, _ = greedy(lite, PROMPTS[0], 12)
+        prompt = lite.tokenize(PROMPTS[0])
+        first = int(np.argmax(lite.forward([Row(1, prompt, 0)]).row(0)))
+        picks = lite.decode_greedy([Row(1, [first], len(prompt))], 11)
+        assert [first, *picks[0].tolist()] == expected
+    finally:
+        lite.close()
