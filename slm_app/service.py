@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 from prometheus_client import Gauge
 
 from slm_app import memory, structured
+from slm_app.memory_fit import check_fit
 from slm_app.backends.base import BackendUnavailable, SamplingParams
 from slm_app.engines import load_engine
 from slm_app.engines.base import Engine, ModelPrompt, PreparedPrompt
@@ -91,7 +92,9 @@ class GenerationService:
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
         self.draining = False
-        self.memory_guard = memory.MemoryGuard(settings.memory_guard_mb, settings.memory_guard_percent)
+        self.memory_fit = check_fit(self.tier, settings)  # raises MemoryDoesNotFit: refuse before loading
+        self.memory_guard = memory.MemoryGuard(settings.memory_guard_mb, settings.memory_guard_percent,
+                                               usable_mb=self.memory_fit.usable_mb)
         guard = self.memory_guard
         Gauge("slm_memory_guard_refusing", "1 while the memory guard refuses new requests",
               registry=self.metrics.registry).set_function(lambda: float(guard.refusal() is not None))
@@ -357,7 +360,7 @@ class GenerationService:
     def health(self) -> dict[str, Any]:
         self.metrics.sample_memory()
         rss = memory.rss_mb()
-        usable = memory.usable_memory_mb()
+        usable = memory.usable_memory_mb(self.settings.memory_limit_mb)
         engine = self.engine
         info = engine.info() if engine is not None else None
         # A remote engine is loaded but may be unable to serve (upstream down): say so, and why.
@@ -377,6 +380,7 @@ class GenerationService:
                              "percent_of_usable": round(100 * rss / usable, 1)},
             "rss_mb": round(rss, 1),
             "memory_guard": self.memory_guard.status(),
+            "memory_fit": self.memory_fit.to_dict(),
             "system_memory_mb": memory.system_memory_mb(),
             **self.metrics.summary(),
         }

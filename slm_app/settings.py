@@ -46,7 +46,7 @@ class TierProfile(BaseModel):
     """A tier's defaults: which backend, which model, which limits."""
 
     tier: Tier
-    backend: Literal["tensorflow", "llama.cpp"]
+    backend: Literal["litert", "tensorflow", "llama.cpp"]
     model: str
     float16: bool = False
     aggressive_gc: bool = False
@@ -59,7 +59,9 @@ class TierProfile(BaseModel):
 TIER_PROFILES: dict[Tier, TierProfile] = {
     Tier.free: TierProfile(
         tier=Tier.free,
-        backend="tensorflow",
+        # LiteRT: no TensorFlow in the serving process (~160 MB RSS instead of ~1 GB); SLM_BACKEND=tensorflow
+        # serves the same model through TensorFlow.
+        backend="litert",
         model="sshleifer/tiny-gpt2",
         float16=True,
         aggressive_gc=True,
@@ -107,7 +109,8 @@ TIER_PROFILES: dict[Tier, TierProfile] = {
 
 
 # "remote": no model here; requests go to an OpenAI-compatible server (slm_app.engines.remote).
-BackendName = Literal["tensorflow", "llama.cpp", "fake", "remote"]
+BackendName = Literal["litert", "tensorflow", "llama.cpp", "fake", "remote"]
+LiteRTWeights = Literal["float16", "float32", "int8"]
 
 
 class Settings(BaseSettings):
@@ -140,6 +143,12 @@ class Settings(BaseSettings):
     # Refuse new work (503) while RSS is at or above this many MB, or this percent of usable memory.
     memory_guard_mb: float | None = Field(default=None, gt=0)
     memory_guard_percent: float = Field(default=90.0, ge=0, le=100)  # 0 turns the guard off
+    # Memory this process may use, in MB, when the cgroup limit (else RAM) is not the figure to trust
+    # (a host that kills at its plan's limit without a cgroup saying so). Drives the start-up fit check,
+    # the auto tier and the guard's percent.
+    memory_limit_mb: float | None = Field(default=None, gt=0)
+    # At start-up, refuse a tier whose measured footprint exceeds that memory (naming the tier that fits).
+    memory_fit_check: bool = True
     # On SIGTERM: stop admitting, let running generations finish for up to this long, cancel the rest.
     drain_s: float = Field(default=30.0, ge=0)
     cache_dir: str = Field(default_factory=lambda: os.path.join(os.path.expanduser("~"), ".cache", "slm_app"))
@@ -159,6 +168,14 @@ class Settings(BaseSettings):
     # the same bits for 1 to 8 rows, so a lone request runs alone, weights read once per step.
     # False: XLA's own matmul (also what happens when there is no C++ compiler).
     matvec_kernel: bool = True
+
+    # LiteRT backend: the weights of the converted model (default: float16 on tiers with float16 weights,
+    # else float32; int8 is dynamic-range quantization). Converted at set-up (slm_app.provisioning.litert).
+    litert_weights: LiteRTWeights | None = None
+    # LiteRT's XNNPACK delegate: faster kernels (tiny-gpt2: half the time a step), but it repacks the
+    # weights once per signature (GPT-2 124M float32: 1.6 GB instead of 0.6 GB RSS). Default: on for
+    # models whose file is small (the repacking costs little), off for the others.
+    litert_xnnpack: bool | None = None
 
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
@@ -218,6 +235,8 @@ class EngineConfig(BaseModel):
     chat_template: bool = True
     flash_attn: Literal["auto", "on", "off"] = "auto"
     fake_step_ms: float = 0.0
+    litert_weights: LiteRTWeights = "float32"
+    litert_xnnpack: bool | None = None
 
 
 class ResolvedTier(BaseModel):
@@ -245,19 +264,37 @@ class ResolvedTier(BaseModel):
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
-            fake_step_ms=settings.fake_step_ms)
+            fake_step_ms=settings.fake_step_ms, litert_weights=litert_weights(self.profile, settings),
+            litert_xnnpack=settings.litert_xnnpack)
+
+
+def litert_weights(profile: TierProfile, settings: Settings) -> LiteRTWeights:
+    return settings.litert_weights or ("float16" if profile.float16 else "float32")
+
+
+def litert_target(settings: Settings) -> tuple[str, int, LiteRTWeights]:
+    """(model, KV cells, weights) of the LiteRT model ``settings`` serve: what set-up converts."""
+    resolved = resolve_tier(settings)
+    config = resolved.engine_config(settings)
+    return resolved.model, config.max_prompt_tokens + config.max_new_tokens, config.litert_weights
 
 
 def llama_cpp_installed() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def pick_auto_tier(memory_mb: float, has_llama: bool) -> tuple[Tier, str]:
+def tensorflow_installed() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def pick_auto_tier(memory_mb: float, has_llama: bool, has_tensorflow: bool = True) -> tuple[Tier, str]:
     """The largest tier that is installed and fits the memory this process may use."""
     pro, std = TIER_PROFILES[Tier.pro], TIER_PROFILES[Tier.standard]
     mem = f"{memory_mb:,.0f} MB usable"
     if has_llama and memory_mb >= pro.min_memory_mb:
         return Tier.pro, f"auto: llama-cpp-python installed and {mem} >= {pro.min_memory_mb:,} MB"
+    if not has_tensorflow:  # ./setup_lightweight.sh: the free tier's packages only
+        return Tier.free, "auto: TensorFlow not installed (the lightweight set-up serves the free tier)"
     if memory_mb >= std.min_memory_mb:
         why = "llama-cpp-python not installed" if not has_llama else f"{mem} < {pro.min_memory_mb:,} MB for pro"
         return Tier.standard, f"auto: {why}; {mem} >= {std.min_memory_mb:,} MB for standard"
@@ -275,7 +312,8 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
         # The model lives on the upstream: this machine's memory and packages say nothing about it.
         tier, reason = Tier.pro, "auto: remote backend (the upstream holds the model); pro limits"
     elif settings.tier is Tier.auto:
-        tier, reason = pick_auto_tier(memory.usable_memory_mb(), llama_cpp_installed())
+        tier, reason = pick_auto_tier(memory.usable_memory_mb(settings.memory_limit_mb), llama_cpp_installed(),
+                                      tensorflow_installed())
     else:
         tier, reason = settings.tier, f"SLM_TIER={settings.tier.value}"
     profile = TIER_PROFILES[tier]
@@ -286,7 +324,9 @@ def resolve_tier(settings: Settings) -> ResolvedTier:
     if backend == "remote":  # "remote" is an alias of whatever model the upstream serves
         model = settings.remote_model or settings.model or "remote"
     else:
-        model = settings.model or (profile.model if backend == profile.backend else backend)
+        # LiteRT serves the same GPT-2 checkpoints as TensorFlow (converted at set-up).
+        same_models = backend == profile.backend or {backend, profile.backend} == {"litert", "tensorflow"}
+        model = settings.model or (profile.model if same_models else backend)
     return ResolvedTier(profile=profile, limits=limits, model=model, backend=backend,
                         parallel=settings.parallel or profile.parallel, reason=reason)
 

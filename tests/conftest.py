@@ -37,6 +37,7 @@ def launch_app(settings: Settings, *, expect_loaded: bool = True, timeout: float
 
 @pytest.fixture(scope="session")
 def free_app(tmp_path_factory) -> Iterator[RunningServer]:
-    """One free-tier app for the whole session: loading TensorFlow and warming XLA up costs ~10-40 s."""
+    """One free-tier app (tiny-gpt2 on LiteRT, the free tier's default) for the whole session: its first
+    start converts the model in a child process (~15-30 s with TensorFlow)."""
     with launch_app(Settings(tier="free", cache_dir=str(tmp_path_factory.mktemp("cache")))) as server:
         yield server

@@ -56,10 +56,10 @@ def test_batch_returns_one_result_per_prompt(client: Client) -> None:
     assert isinstance(out, dict) and len(out["results"]) == 1 and isinstance(out["results"][0], str)
 
 
-def test_health_on_tensorflow_says_the_weights_are_random(tf_client: Client) -> None:
+def test_health_on_the_free_tier_model_says_the_weights_are_random(tf_client: Client) -> None:
     h = tf_client.predict(api_name="/health")
-    assert h["backend"] == "tensorflow" and h["model_info"]["random_weights"] is True
-    assert h["model_info"]["backend"] == "tensorflow" and h["slots"]["slots"] >= 1
+    assert h["backend"] == "litert" and h["model_info"]["random_weights"] is True  # the free tier's default
+    assert h["model_info"]["backend"] == "litert" and h["slots"]["slots"] >= 1
 
 
 def test_health_reports_tier_and_model(client: Client) -> None:

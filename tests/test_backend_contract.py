@@ -1,4 +1,4 @@
-"""One contract, every backend: the scheduler's guarantees on the fake model, TensorFlow and llama.cpp.
+"""One contract, every backend: the scheduler's guarantees on the fake model, TensorFlow, LiteRT and llama.cpp.
 
 Each test runs through ``Scheduler`` exactly as the service does. What the model says differs per
 backend; what is checked here is what the core promises whatever the model: limits, stop strings,
@@ -22,12 +22,13 @@ from slm_app.settings import EngineConfig
 BACKENDS = {
     "fake": dict(backend="fake", model="fake", fake_step_ms=1.0),
     "tensorflow": dict(backend="tensorflow", model="sshleifer/tiny-gpt2", float16=False),
+    "litert": dict(backend="litert", model="sshleifer/tiny-gpt2", litert_weights="float32"),
     "llama.cpp": dict(backend="llama.cpp", model="embedded:gemma-3-270m", n_ctx=2048, n_batch=256),
 }
 # Same seed, same sampled text alone and inside a batch: only where a multi-row step computes each
 # row's logits exactly as a one-row step does. llama.cpp picks other matmul kernels and summation
 # orders for a multi-row batch, so near-ties can flip; its greedy share is measured in bench/.
-BATCH_EXACT = {"fake": True, "tensorflow": True, "llama.cpp": False}
+BATCH_EXACT = {"fake": True, "tensorflow": True, "litert": True, "llama.cpp": False}
 # Text with characters every one of these vocabularies must spell in several tokens of partial UTF-8.
 MULTIBYTE = "Zoë, 𓀀𓀁 and 🦜🧬 — ok"
 

@@ -321,8 +321,28 @@ def test_structured_bad_schema_shows_error(page) -> None:
     expect(tab.locator("p").filter(has_text="Request refused")).to_have_count(1)
 
 
+def test_health_dashboard_shows_figures_at_a_glance(page, screenshots) -> None:
+    tab = open_tab(page, "Health & Memory")
+    figures = tab.locator("table").filter(has_text="Memory (RSS)")
+    expect(figures).to_be_visible()
+    for heading in ("Guard limit", "Tokens/s", "Slots busy", "Queue", "p50 latency", "p95 latency", "GC runs"):
+        expect(figures.locator("th", has_text=heading)).to_have_count(1)
+    cells = figures.locator("td").all_inner_texts()
+    assert re.fullmatch(r"[0-9,]+ MB of [0-9,]+ MB \([0-9.]+%\)", cells[0]), cells
+    assert re.fullmatch(r"\d+ / \d+", cells[3]) and re.fullmatch(r"[0-9,]+", cells[7]), cells
+    summary = tab.locator("p").filter(has_text="backend:")
+    expect(summary).to_contain_text("ready")
+    expect(summary).to_contain_text("licence:")
+    expect(summary).to_contain_text("adapter:")
+    plot = block(tab, "Memory")
+    expect(plot.locator("svg, canvas").first).to_be_visible()
+    expect(plot).to_contain_text("RSS")
+    screenshot(page, screenshots, "health_dashboard")
+
+
 def test_health_refresh_gc_and_memory_plot(page, screenshots) -> None:
     tab = open_tab(page, "Health & Memory")
+    tab.get_by_text("Raw JSON", exact=False).first.click()  # the raw reading is folded under the dashboard
     health = block(tab, "Health")
     expect(health.locator(".json-holder")).to_contain_text('"uptime_s"')
     uptime = re.search(r'"uptime_s": ([0-9.]+)', json_text(health)).group(0)
@@ -340,7 +360,7 @@ def test_health_refresh_gc_and_memory_plot(page, screenshots) -> None:
 
     plot = block(tab, "Memory")
     expect(plot.locator("svg, canvas").first).to_be_visible()
-    expect(plot).to_contain_text("rss_mb")
+    expect(plot).to_contain_text("RSS")
     screenshot(page, screenshots, "health_memory")
 
 

@@ -136,8 +136,8 @@ def test_a_client_that_disconnects_frees_its_slot(app):
 
 
 @pytest.mark.parametrize("n", [N_CLIENTS])
-def test_tensorflow_greedy_answers_under_concurrency_equal_answers_alone(free_app, n):
-    """The free tier's real TensorFlow model: greedy, every answer exactly as when it ran alone."""
+def test_free_tier_greedy_answers_under_concurrency_equal_answers_alone(free_app, n):
+    """The free tier's real model (tiny-gpt2 on LiteRT): greedy, every answer exactly as when it ran alone."""
     client = Client(free_app.url, verbose=False)
     prompts = [f"Prompt number {i} is {'long ' * i}" for i in range(n)]
     alone = [client.predict(p, 16, 0.0, 1.0, 0, api_name="/generate") for p in prompts]

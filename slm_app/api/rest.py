@@ -9,17 +9,20 @@
 * ``GET /health`` → ``GenerationService.health()``: 200 while ``status`` is ``"ok"``, 503 with the same
   body otherwise (``"loading"``, ``"error"``, ``"draining"`` during shutdown; ``reason`` says why).
   ``memory_guard`` says whether new work is being refused for memory.
+* ``GET /healthz`` → liveness: 200 ``{"status": "alive"}`` as soon as the process answers HTTP, while
+  the model loads too (a platform restarts a process whose liveness fails; readiness is ``/health``).
 * ``GET /metrics`` → Prometheus text of the app's own registry (requests by endpoint and outcome, HTTP
   requests by route and status, tokens, latency and TTFT histograms, RSS, memory guard).
 * Errors: ``{"error": "<message>", "status": <int>}`` with that HTTP status (see ``common``), and
   ``Retry-After`` on 429 and 503.
 
-``/health`` stays open even with ``SLM_API_KEY`` set, and is never rate limited: liveness probes (a
+``/health`` and ``/healthz`` stay open even with ``SLM_API_KEY`` set, and is never rate limited: liveness probes (a
 Space, a load balancer) cannot carry secrets, and it holds no user data.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -107,6 +110,11 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
         """Always answers (never needs the key): 200 when the model is ready, 503 (same body) otherwise."""
         h = service.health()
         return JSONResponse(h, status_code=200 if h["status"] == "ok" else 503)
+
+    @public.get("/healthz", responses={200: {"description": "The process answers"}})
+    def healthz() -> dict[str, Any]:
+        """Liveness: 200 as soon as the process serves HTTP, loading or not (readiness is /health)."""
+        return {"status": "alive", "model_status": service.status, "uptime_s": round(time.time() - service.metrics.started, 1)}
 
     app.include_router(private)
     app.include_router(metrics_router)

@@ -1,4 +1,5 @@
-"""Backends by name. Imported lazily: TensorFlow and llama.cpp each cost seconds and hundreds of MB."""
+"""Backends by name. Imported lazily: TensorFlow and llama.cpp each cost seconds and hundreds of MB
+(and the free tier's LiteRT process must never import TensorFlow)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from slm_app.backends.base import Backend, BackendUnavailable
 from slm_app.settings import EngineConfig
 
 REGISTRY: dict[str, tuple[str, str]] = {
+    "litert": ("slm_app.backends.litert_gpt2", "LiteRTGPT2Backend"),
     "tensorflow": ("slm_app.backends.tf_gpt2", "TFGPT2Backend"),
     "llama.cpp": ("slm_app.backends.llama_cpp_backend", "LlamaCppBackend"),
     "fake": ("slm_app.backends.fake", "FakeBackend"),

@@ -12,9 +12,8 @@ import json
 from typing import Any, Iterator
 
 import gradio as gr
-import pandas as pd
 
-from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, tools as ui_tools
+from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, health as ui_health, tools as ui_tools
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService
 from slm_app.ui.controls import sampling_controls, structured_controls
@@ -40,11 +39,6 @@ def _banner(service: GenerationService) -> str:
     if h["reason"]:
         lines.append(f"⚠️ Model not loaded: {h['reason']}")
     return "\n\n".join(lines)
-
-
-def _memory_frame(service: GenerationService) -> pd.DataFrame:
-    points = service.metrics.memory_timeline()
-    return pd.DataFrame(points or [(0.0, 0.0)], columns=["uptime_s", "rss_mb"])
 
 
 def gradio_concurrency(service: GenerationService) -> int:
@@ -176,22 +170,11 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
         ui_evaluate.build_evaluate_tab(service)
 
-        with gr.Tab("Health & Memory"):
-            with gr.Row():
-                h_button = gr.Button("Refresh", variant="primary")
-                gc_button = gr.Button("Run garbage collection")
-            h_out = gr.JSON(label="Health")
-            gc_out = gr.JSON(label="Garbage collection (RSS before/after, MB)")
-            ui_chat.build_feedback_health(service, h_button)
-            h_plot = gr.LinePlot(_memory_frame(service), x="uptime_s", y="rss_mb",
-                                 title="Process memory (RSS, MB) over uptime (s)", label="Memory")
-            refresh = h_button.click(health, None, h_out, api_name="health", queue=False)
-            refresh.then(lambda: _memory_frame(service), None, h_plot, api_visibility="private", queue=False)
-            gc_button.click(collect_garbage, None, gc_out, api_name="gc", queue=False).then(
-                lambda: _memory_frame(service), None, h_plot, api_visibility="private", queue=False)
+        health_outputs, health_reading = ui_health.build_health_tab(
+            service, health, collect_garbage, lambda refresh: ui_chat.build_feedback_health(service, refresh))
 
-        demo.load(lambda: (_banner(service), service.health(), _memory_frame(service)), None,
-                  [banner, h_out, h_plot], api_visibility="private", queue=False)
+        demo.load(lambda: (_banner(service), *health_reading()), None, [banner, *health_outputs],
+                  api_visibility="private", queue=False)
     return demo
 
 
