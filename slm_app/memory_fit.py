@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 from slm_app import memory
 from slm_app.settings import ResolvedTier, Settings, Tier
 
-# Whole-process RSS in MB after 1,000 requests on the tier's default model, rounded up, by backend
-# (bench/memory.py on 2 cores, 2026-12-04; docs/bench-memory.md). A host needs at least this much.
+# Whole-process RSS in MB a tier's default model reaches while serving, rounded up, by backend. Free tier:
+# bench/memory.py after 1,000 requests (LiteRT 218, TensorFlow 1,237; docs/bench-memory.md). Standard
+# and pro: earlier measurements (TensorFlow GPT-2 124M 2.8 GB after XLA warm-up; LiteRT 124M float32
+# 635 MB without XNNPACK plus Gradio and the app ~150; Qwen2.5-3B Q4_K_M ~3.2 GB with a 4k context).
 FOOTPRINT_MB: dict[tuple[Tier, str], int] = {
     (Tier.free, "litert"): 250,
-    (Tier.free, "tensorflow"): 1_100,
+    (Tier.free, "tensorflow"): 1_300,
     (Tier.standard, "litert"): 900,
     (Tier.standard, "tensorflow"): 3_000,
     (Tier.pro, "llama.cpp"): 3_400,

@@ -78,6 +78,26 @@ def locate(config: EngineConfig) -> tuple[Path, LiteRTMeta]:
     return folder, meta
 
 
+class _Tokenizer:
+    """The model's ``tokenizer.json`` through the ``tokenizers`` library alone. Not transformers: its
+    import alone is ~300 MB of RSS where PyTorch is installed (it imports it), most of a 512 MB host."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(path))
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        added = self.backend.get_added_tokens_decoder()
+        self.all_special_ids = [i for i, token in added.items() if token.special]
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+
 class _Signature:
     """One signature of the interpreter, called with fixed shapes. LiteRT's ``SignatureRunner`` resizes
     and re-allocates every input tensor at every call; shapes never change here, so after the first
@@ -132,16 +152,12 @@ class LiteRTGPT2Backend(Backend):
     def load(cls, config: EngineConfig) -> "LiteRTGPT2Backend":
         start = time.perf_counter()
         folder, meta = locate(config)
-        from transformers import AutoTokenizer  # the tokenizer only: transformers imports no TensorFlow for it
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            tokenizer = _Tokenizer(folder / "tokenizer.json")
             backend = cls(folder, meta, tokenizer, config)
-        except (ValueError, OSError, RuntimeError) as exc:  # a corrupt file, a missing tokenizer...
+        except Exception as exc:  # a corrupt or missing file: tokenizers and LiteRT raise several kinds
             raise BackendUnavailable(f"{config.model}: cannot load the LiteRT model in {folder} "
                                      f"({type(exc).__name__}: {exc})") from exc
-        if not tokenizer.is_fast:
-            raise BackendUnavailable(f"{config.model}: needs a fast tokenizer (tokenizer.json) for constrained decoding")
         backend.load_time_s = time.perf_counter() - start
         if config.warmup:
             backend.warmup()
@@ -191,9 +207,11 @@ class LiteRTGPT2Backend(Backend):
 
     def llguidance_tokenizer(self) -> Any:
         if self._llg is None:
-            import llguidance.hf
+            import llguidance
 
-            self._llg = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_width, eos_token=self._eos)
+            # What llguidance.hf.from_tokenizer does with a transformers tokenizer, from tokenizers' JSON.
+            self._llg = llguidance.LLTokenizer(self._tokenizer.backend.to_str(), n_vocab=self._vocab_width,
+                                               eos_token=self._eos)
         return self._llg
 
     # ---- the model -------------------------------------------------------------------------
