@@ -38,6 +38,7 @@ from jsonschema.validators import Draft202012Validator, validator_for
 from pydantic import BaseModel
 from referencing import Registry
 
+from slm_app import json_numbers
 from slm_app.backends.base import SamplingParams, TokenConstraint
 from slm_app.settings import TierLimits
 
@@ -107,6 +108,10 @@ def parse_schema(text: str, limits: TierLimits) -> dict:
     except jsonschema.SchemaError as exc:
         draft = cls.__name__.removesuffix("Validator")
         raise SchemaError(f"not a valid {draft} schema: {exc.message} (at {exc.json_path})") from None
+    try:  # numbers are generated only where every JSON reader agrees on them (json_numbers)
+        json_numbers.check_schema(schema)
+    except json_numbers.NotInteroperable as exc:
+        raise SchemaError(str(exc)) from None
     return schema
 
 
@@ -473,6 +478,7 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
     # "x-guidance" would let a user switch our options (lenient, whitespace) behind the ladder's back.
     schema = {k: v for k, v in schema.items() if k != "x-guidance"}
     grammar_schema = schema if budget is None else bound_for_budget(schema, budget)
+    grammar_schema = json_numbers.interoperable_grammar_schema(grammar_schema)
     # Key order stays: it is the output's property order. The entry keeps the tokenizer alive,
     # so its id() cannot be reused by another tokenizer while the entry exists.
     # The budget is in the key too: it bounds the walk to the smallest instance.
@@ -1192,6 +1198,8 @@ def validate_output(text: str, schema: dict) -> tuple[Any, str | None]:
         return None, "the output nests too deeply to be checked against the schema"
     if error is not None:
         return None, f"{error.message} (at {error.json_path})"
+    if (why := json_numbers.number_problem(text)) is not None:
+        return None, f"{why}: {json_numbers.RULE}"
     return data, None
 
 
