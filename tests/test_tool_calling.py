@@ -307,7 +307,7 @@ def test_function_call_mode_bad_tools_get_clear_errors(gradio):
         gradio.predict("x", "[{", "auto", True, 64, 0.7, 0, api_name="/function_call")
     # The tab's other endpoint still works.
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    assert gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured")["success"] is True
+    assert json.loads(gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured"))["success"] is True
 
 
 # ---- the remote backend ----------------------------------------------------------------------------
