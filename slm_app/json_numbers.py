@@ -101,9 +101,13 @@ def _types(node: dict) -> set[str] | None:
 
 
 def _may_be_number(node: dict) -> bool:
+    """A node without "type" admits numbers too, unless const/enum/$ref decide its values or its
+    combined parts do (each part is bounded itself: bounds beside them would be merged into each,
+    which llguidance refuses for recursive references)."""
     types = _types(node)
-    return (types is None and any(k in node for k in _NUMERIC)) or (types is not None and bool(
-        types & {"number", "integer"}))
+    return bool(types & {"number", "integer"}) if types is not None else not any(
+        k in node for k in ("const", "enum", "$ref", "$dynamicRef", "$recursiveRef", "allOf", "anyOf", "oneOf",
+                            "not", "if"))
 
 
 def _number(value: Any) -> Fraction | None:
