@@ -164,6 +164,19 @@ def start_llama_server(binary: str, gguf: str, log: Path) -> tuple[subprocess.Po
     raise RuntimeError("llama-server did not become ready in 120 s")
 
 
+def rows_from_log(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``run_all``'s progress lines ("[server] case i t=T seed=S: outcome: text")."""
+    import re
+
+    line_re = re.compile(r"^\[(.+?)\] case (\d+) t=([\d.]+) seed=(\S+): (.+?): ")
+    rows = []
+    for line in path.read_text().splitlines():
+        if m := line_re.match(line):
+            rows.append({"server": m[1], "case": int(m[2]), "temperature": float(m[3]), "seed": m[4],
+                         "outcome": m[5]})
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     outcomes = ["answered, mentions the result", "answered", "same tool again", "other tool", "empty or cut off",
                 "error"]
@@ -192,7 +205,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--only", choices=["app", "llama-server"])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--table-from", type=Path, nargs="+", metavar="LOG",
+                    help="only print the table of earlier runs' progress lines (their stderr; a run cut short too)")
     args = ap.parse_args()
+    if args.table_from:
+        print(table([row for log in args.table_from for row in rows_from_log(log)]))
+        return
     runs: list[tuple[float, int | None]] = [(0.0, 0)] + [(args.temperature, s) for s in range(1, args.seeds + 1)]
 
     from slm_app.provisioning.embedded import smollm2_gguf
