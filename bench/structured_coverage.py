@@ -15,7 +15,10 @@ every subset is sampled.
 Per subset: schemas compiled strictly / only relaxed / refused (intake, compile, or a smallest
 instance longer than the budget); how many yield output that validates; how many are at least
 answered precisely (valid output or a refusal naming the reason); truncated and invalid outputs;
-outputs reported valid that an independent plain-jsonschema check rejects (must be 0); compile ms
+outputs reported valid that an independent plain-jsonschema check rejects (must be 0); valid outputs
+lost to serialization (the result as the Structured JSON endpoint sends it, ``json_output.json_text``,
+read back and compared: must be 0) and valid outputs with numbers outside the interoperable range
+(within ±(2^53-1), at most 6 decimals, checked on the text here: must be 0); compile ms
 (first, uncached compile: every rung tried plus the walk to the smallest instance; p50, p95; the
 walk's own p50 beside); the constraint's own time per decode step (mask, steering, consume); and
 decode tokens/s after the first token with the constraint vs without it, same prompt, same budget,
@@ -41,6 +44,7 @@ from typing import Any, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slm_app import structured  # noqa: E402
+from slm_app.ui.json_output import json_text  # noqa: E402
 from slm_app.backends.base import SamplingParams, TokenConstraint  # noqa: E402
 from slm_app.scheduler import Completion  # noqa: E402
 from slm_app.service import GenerationService, ServiceRunner  # noqa: E402
@@ -129,6 +133,30 @@ def independent_check(raw: str, schema: dict) -> bool:
     return validator.is_valid(json.loads(raw))
 
 
+def lost_in_transit(result: structured.StructuredResult) -> bool:
+    """The result as the Structured JSON endpoint sends it, read back: is anything lost or changed?"""
+    try:
+        return json.loads(json_text(result.to_api()))["data"] != result.data
+    except Exception:  # noqa: BLE001 - any failure to write it is a lost result
+        return True
+
+
+def interoperable(raw: str) -> bool:
+    """Every number as written: within ±(2^53-1) and at most 6 decimals (independent of json_numbers)."""
+    from decimal import Decimal
+
+    ok = [True]
+
+    def number(text: str) -> int:
+        d = Decimal(text)
+        ok[0] &= d.is_finite() and abs(d) <= 2**53 - 1 and (d == d.to_integral_value()
+                                                              or d.normalize().as_tuple().exponent >= -6)
+        return 0
+
+    json.loads(raw, parse_int=number, parse_float=number)
+    return ok[0]
+
+
 def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: int, steer: bool = True,
             speed: bool = True) -> dict[str, Any]:
     limits = service.limits
@@ -164,7 +192,8 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
     row.update(constrained_s=runner.seconds, constrained_tokens=runner.tokens, tokens=result.tokens,
                mask_s=runner.mask_s, mask_steps=runner.steps)
     if result.success:
-        row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema))
+        row.update(outcome="valid", false_valid=not independent_check(result.raw_text, schema),
+                   lost=lost_in_transit(result), not_interoperable=not interoperable(result.raw_text))
     else:
         row.update(outcome="truncated" if result.outcome is structured.Outcome.TRUNCATED else "invalid",
                    reason=result.error)
@@ -197,6 +226,7 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
     return [name, str(n), pct(modes["strict"], n), pct(n - modes["strict"] - modes[None], n), pct(refused, n),
             pct(count["valid"], n), pct(count["valid"] + refused, n), pct(count["truncated"], n),
             pct(count["invalid"] + count["error"], n), str(sum(bool(r.get("false_valid")) for r in rows)),
+            str(sum(bool(r.get("lost")) for r in rows)), str(sum(bool(r.get("not_interoperable")) for r in rows)),
             f"{statistics.median(ms):.1f}" if ms else "-",
             f"{statistics.quantiles(ms, n=20)[-1]:.1f}" if len(ms) > 1 else "-",
             f"{statistics.median(walk):.1f}" if walk else "-",
@@ -207,7 +237,8 @@ def summary_row(name: str, rows: list[dict[str, Any]]) -> list[str]:
 
 
 HEADER = ["subset", "schemas", "strict", "relaxed", "refused", "valid output", "valid or refused", "truncated",
-          "invalid", "reported valid but invalid", "compile ms p50", "compile ms p95", "of which walk ms p50",
+          "invalid", "reported valid but invalid", "lost to serialization",
+          "non-interoperable numbers", "compile ms p50", "compile ms p95", "of which walk ms p50",
           "tok/s constrained",
           "tok/s free", "ratio", "constraint ms/step"]
 

@@ -10,10 +10,12 @@ The pipeline:
   schema goes through the Structured tab's intake (``structured.parse_schema``: local ``$ref`` only,
   size, depth, regexes), so nothing a caller sends can read a file or reach the network.
 - ``conversation_turns``: the chat history, tool calls and tool results included, as the
-  system/user/assistant turns every chat template and the plain transcript accept. An assistant
-  turn that called tools shows the calls as the JSON the model is asked to write; a ``tool`` result
-  becomes a user turn ``Result of NAME: ...``; turns of one role in a row are merged (Gemma's
-  template insists on alternating roles). No template here has native tool support (Gemma 3 and
+  system/user/assistant turns every chat template and the plain transcript accept. A ``tool``
+  result becomes a user turn ``Result of NAME({arguments}): ...`` (the call shown with its result,
+  not as an assistant turn of JSON: a small model copies its last turn, which after a result was the
+  same call again, 36 of 40 follow-ups in bench/tool_followups.py); a conversation ending with
+  results ends with "Answer my question with the result above.", and the tools block then puts
+  answering first. Turns of one role in a row are merged (Gemma's template insists on alternating roles). No template here has native tool support (Gemma 3 and
   SmolLM2 have none; the TF models are raw), so the tools are described in a system block instead.
 - ``ToolSet.output_schema``: ONE JSON Schema the structured engine decodes under, so budget
   steering, the compile ladder and jsonschema validation are the same engine's, no grammar of our own:
@@ -108,11 +110,12 @@ class ToolSet:
                    "additionalProperties": False}
         return {"$defs": defs, "anyOf": [calls, content]}
 
-    def instructions(self, detail: int = 2) -> str:
+    def instructions(self, detail: int = 2, follow_up: bool = False) -> str:
         """The system block that describes the tools and how to answer. ``detail`` 2: each function's
         parameters schema as given; 1: the schemas without their annotations (descriptions, titles,
         examples); 0: only the functions' names and argument names (the grammar enforces the schemas
-        whatever the prompt shows)."""
+        whatever the prompt shows). ``follow_up``: the conversation ends with tool results, so with
+        ``auto`` answering comes first (a small model otherwise copies its last turn, the call)."""
         lines = ["You can call these functions:"]
         for t in self.callable:
             about = f": {t.description.strip().rstrip('.')}." if t.description.strip() and detail else ""
@@ -126,7 +129,10 @@ class ToolSet:
                 lines.append(f"- {t.name}({', '.join(names)})")
         example = '{"tool_calls":[{"name":"<function name>","arguments":{<arguments>}}]}'
         how = {"auto": f"To call a function, reply with JSON only: {example}. To answer without calling one, "
-                       'reply with JSON only: {"content":"<your answer>"}.',
+                       'reply with JSON only: {"content":"<your answer>"}.' if not follow_up else
+                       "The results of the functions you called are in the conversation. Answer the user's "
+                       'question now, in words, using those results: reply with JSON only, an object with one '
+                       'member, "content", whose value is your answer.',
                "required": f"Call a function: reply with JSON only: {example}.",
                "function": f"Call the function {self.function}: reply with JSON only: {example}."}[self.mode]
         many = (f" You may call several functions at once (at most {MAX_PARALLEL_CALLS})." if self.parallel
@@ -260,18 +266,12 @@ def _check_local_refs(schema: dict[str, Any], param: str) -> None:
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _call_json(calls: Sequence[Mapping[str, Any]]) -> str:
-    """Calls as the model is asked to write them (so earlier turns show it the format)."""
-    return json.dumps({"tool_calls": [{"name": c["name"], "arguments": c["arguments"]} for c in calls]},
-                      separators=(",", ":"), ensure_ascii=False)
-
-
 def conversation_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """OpenAI chat messages (``role``, ``content`` as text, ``tool_calls``, ``tool_call_id``) as turns
     with roles system/user/assistant (see the module docstring). Raises ``RequestError`` naming
     ``messages[i]....`` for a role it does not know or a tool result that answers no call."""
     turns: list[dict[str, str]] = []
-    open_calls: dict[str, str] = {}  # id -> function name, of the last assistant turn's calls
+    open_calls: dict[str, str] = {}  # id -> the call as shown ("get_weather({...})"), of the last assistant turn
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content") or ""
         if role not in _ROLES:
@@ -286,11 +286,12 @@ def conversation_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
                 raise RequestError(f"messages[{i}].tool_call_id must be the id of one of the calls the assistant "
                                    f"made just before (one of {sorted(open_calls)}), got {call_id!r}"[:300],
                                    param=f"messages[{i}].tool_call_id")
-            turns.append({"role": "user", "content": f"Result of {open_calls[call_id]}: {content}"})
+            turns.append({"role": "user", "content": f"{RESULT_OF} {open_calls[call_id]}: {content}"})
             continue
         open_calls = {}
         if role == "assistant" and m.get("tool_calls"):
-            calls = []
+            # The calls are shown with their results (a user turn each), not as the assistant's JSON: a
+            # small model copies its last turn, and after a result that copy is the same call again.
             for j, c in enumerate(m["tool_calls"]):
                 fn = c.get("function") if isinstance(c, Mapping) else None
                 if not (isinstance(fn, Mapping) and isinstance(fn.get("name"), str) and isinstance(c.get("id"), str)):
@@ -301,11 +302,22 @@ def conversation_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
                     arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
                 except ValueError:
                     pass
-                calls.append({"name": fn["name"], "arguments": arguments})
-                open_calls[c["id"]] = fn["name"]
-            content = (content + "\n" if content else "") + _call_json(calls)
+                open_calls[c["id"]] = f"{fn['name']}({json.dumps(arguments, separators=(',', ':'), ensure_ascii=False)})"
+            if not content:
+                continue
         turns.append({"role": "system" if role == "developer" else role, "content": content})
+    if messages and messages[-1].get("role") == "tool":
+        turns.append({"role": "user", "content": FOLLOW_UP})  # what to do with the results, last
     return _merged(turns)
+
+
+RESULT_OF = "Result of"
+FOLLOW_UP = "Answer my question with the result above."
+
+
+def is_follow_up(turns: Sequence[Mapping[str, str]]) -> bool:
+    """Whether ``conversation_turns`` ended the turns with tool results."""
+    return bool(turns) and turns[-1]["role"] == "user" and turns[-1]["content"].endswith(FOLLOW_UP)
 
 
 def _merged(turns: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -320,7 +332,7 @@ def _merged(turns: list[dict[str, str]]) -> list[dict[str, str]]:
 
 def with_tools(turns: list[dict[str, str]], tool_set: ToolSet, detail: int = 2) -> list[dict[str, str]]:
     """The turns with the tools block in the system turn (after the caller's own system text)."""
-    block = tool_set.instructions(detail)
+    block = tool_set.instructions(detail, follow_up=is_follow_up(turns))
     if turns and turns[0]["role"] == "system":
         return [{"role": "system", "content": f"{turns[0]['content']}\n\n{block}"}, *turns[1:]]
     return [{"role": "system", "content": block}, *turns]

@@ -126,14 +126,15 @@ def test_app_keeps_serving_after_errors(client: Client) -> None:
 def test_structured_endpoint_returns_validated_json(client: Client) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
               "additionalProperties": False}
-    out = client.predict("Answer", json.dumps(schema), 32, 0.7, 1, api_name="/structured")
+    out = json.loads(client.predict("Answer", json.dumps(schema), 32, 0.7, 1, api_name="/structured"))
     assert out["success"] is True and isinstance(out["data"]["ok"], bool) and out["error"] is None
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_structured_presets_validate_on_tensorflow(tf_client: Client, preset: str) -> None:
     schema = PRESETS[preset]
-    out = tf_client.predict("Describe a small language model.", json.dumps(schema), 96, 0.7, 0, api_name="/structured")
+    out = json.loads(tf_client.predict("Describe a small language model.", json.dumps(schema), 96, 0.7, 0,
+                                       api_name="/structured"))
     assert out["success"] is True, out["error"]
     jsonschema.validate(out["data"], schema)
     assert json.loads(out["raw_text"]) == out["data"]

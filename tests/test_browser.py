@@ -272,7 +272,8 @@ def structured_status(tab):
 
 def test_structured_preset_then_validated_json(page, screenshots) -> None:
     tab = open_tab(page, "Structured JSON")
-    editor = tab.get_by_role("textbox", name="Code input container")
+    # The schema's editor, not the Result box (a read-only code box too).
+    editor = block(tab, "JSON Schema").get_by_role("textbox", name="Code input container")
     dropdown = tab.get_by_label("Preset schema")
     current = dropdown.input_value()
     assert json.loads(editor.inner_text()) == PRESETS[current]
@@ -291,11 +292,12 @@ def test_structured_preset_then_validated_json(page, screenshots) -> None:
     assert not run_finished(page)["error"], "the structured request was refused"
     status = structured_status(tab)
     expect(status).to_be_visible()
-    expect(result.locator(".json-holder")).to_contain_text('"success"')
-    text = json_text(result)
+    # The result is JSON text in a code box (json_output: no value is ever read as a file).
+    expect(result.locator(".cm-content")).to_contain_text('"success"')
     screenshot(page, screenshots, "structured_json")
-    assert '"success": true' in text, f"structured generation failed: {status.inner_text()!r} / {text!r}"
-    assert '"error": null' in text, text
+    out = json.loads(result.locator(".cm-content").inner_text())
+    assert out["success"] is True, f"structured generation failed: {status.inner_text()!r} / {out!r}"
+    assert out["error"] is None and json.loads(out["raw_text"]) == out["data"], out
     expect(status).to_contain_text("Validated against the schema")
 
     raw = tab.get_by_label("Raw model output")
@@ -305,7 +307,7 @@ def test_structured_preset_then_validated_json(page, screenshots) -> None:
 
 def test_structured_bad_schema_shows_error(page) -> None:
     tab = open_tab(page, "Structured JSON")
-    editor = tab.get_by_role("textbox", name="Code input container")
+    editor = block(tab, "JSON Schema").get_by_role("textbox", name="Code input container")
     editor.fill('{"type": "nonsense"}')
     assert json.loads(editor.inner_text()) == {"type": "nonsense"}
     result = block(tab, "Result")

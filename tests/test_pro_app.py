@@ -81,8 +81,8 @@ def test_two_concurrent_clients_get_their_own_complete_answers(pro_app) -> None:
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_structured_presets_validate_on_llama(client: Client, preset: str) -> None:
     schema = PRESETS[preset]
-    out = client.predict("Describe a small language model served on a CPU.", json.dumps(schema), 512, 0.7, 3,
-                         api_name="/structured")
+    out = json.loads(client.predict("Describe a small language model served on a CPU.", json.dumps(schema), 512,
+                                    0.7, 3, api_name="/structured"))
     assert out["success"] is True, out["error"]
     jsonschema.validate(out["data"], schema)
     assert json.loads(out["raw_text"]) == out["data"] and "smollm2" in out["model_used"] and out["tokens"] > 0

@@ -238,7 +238,8 @@ def test_batch_runs_its_prompts_concurrently_and_in_order(gradio, app, upstream)
 
 @llama
 def test_structured_json_is_validated(gradio, app):
-    out = gradio.predict("A persona of a chess player", json.dumps(PERSONA), 64, 0.0, 0, api_name="/structured")
+    out = json.loads(gradio.predict("A persona of a chess player", json.dumps(PERSONA), 64, 0.0, 0,
+                                    api_name="/structured"))
     assert out["success"] is True, out
     jsonschema.validate(out["data"], PERSONA)
     # llama-cpp-python refuses OpenAI's json_schema response_format and takes its own json_object+schema.

@@ -307,7 +307,7 @@ def test_function_call_mode_bad_tools_get_clear_errors(gradio):
         gradio.predict("x", "[{", "auto", True, 64, 0.7, 0, api_name="/function_call")
     # The tab's other endpoint still works.
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    assert gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured")["success"] is True
+    assert json.loads(gradio.predict("x", json.dumps(schema), 32, 0.7, 1, api_name="/structured"))["success"] is True
 
 
 # ---- the remote backend ----------------------------------------------------------------------------
@@ -360,3 +360,36 @@ def test_forced_call_on_the_embedded_gguf(tmp_path):
         print(f"\n{model_id}: forced call {call.function.arguments}; "
               f"city is Paris: {arguments['city'].strip().lower() == 'paris'}; "
               f"auto: {auto.choices[0].finish_reason} {decided!r}; the tab's function_call: {tab_arguments}")
+
+
+FOLLOW_UPS = [  # (question, the call made, its result, a fact an answer would mention): bench/tool_followups.py's
+    ("What's the weather in Paris?", "get_weather", {"city": "Paris"}, '{"temperature_c": 18, "condition": "light rain"}'),
+    ("How cold is it in Oslo?", "get_weather", {"city": "Oslo"}, '{"temperature_c": -7, "condition": "snow"}'),
+    ("What time is it in Tokyo?", "get_time", {"timezone": "Asia/Tokyo"}, '{"time": "21:45", "date": "2026-12-04"}'),
+    ("What time is it in New York?", "get_time", {"timezone": "America/New_York"}, '{"time": "07:45"}'),
+]
+
+
+@pytest.mark.llama
+def test_after_a_tool_result_the_embedded_model_answers(tmp_path):
+    """tool_choice auto after a tool result: the model answers in text rather than calling the same tool
+    again (before: 36 of 40 follow-ups in bench/tool_followups.py called it again)."""
+    with launch_app(Settings(tier="pro", backend="llama.cpp", model="embedded:smollm2-135m-instruct",
+                             cache_dir=str(tmp_path))) as server:
+        sdk = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=300)
+        model_id = sdk.models.list().data[0].id
+        answered = []
+        for question, name, arguments, result in FOLLOW_UPS:
+            messages = [{"role": "user", "content": question},
+                        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": name, "arguments": json.dumps(arguments)}}]},
+                        {"role": "tool", "tool_call_id": "call_1", "content": result}]
+            r = sdk.chat.completions.create(model=model_id, messages=messages, tools=TOOLS, temperature=0,
+                                            parallel_tool_calls=False, max_tokens=128)
+            choice = r.choices[0]
+            if choice.finish_reason == "tool_calls":
+                assert_valid_calls(choice.message)  # allowed, and still valid; counted as not answered
+            else:
+                assert choice.message.content and choice.message.content.strip()
+                answered.append(choice.message.content)
+        assert len(answered) >= 3, answered

@@ -19,6 +19,7 @@ from typing import Any
 import llguidance
 import llguidance.numpy
 
+from slm_app.structured import numbers as json_numbers
 from slm_app.structured.intake import (
     _DATA_KEYWORDS, _NAME_MAPS, _UNBOUNDABLE, SchemaError, _regex_children,
 )
@@ -268,6 +269,7 @@ def compile_schema(schema: dict, tokenizer: llguidance.LLTokenizer, budget: int 
     # "x-guidance" would let a user switch our options (lenient, whitespace) behind the ladder's back.
     schema = {k: v for k, v in schema.items() if k != "x-guidance"}
     grammar_schema = schema if budget is None else bound_for_budget(schema, budget)
+    grammar_schema = json_numbers.interoperable_grammar_schema(grammar_schema)
     # Key order stays: it is the output's property order. The entry keeps the tokenizer alive,
     # so its id() cannot be reused by another tokenizer while the entry exists.
     # The budget is in the key too: it bounds the walk to the smallest instance.

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import jsonschema
 from jsonschema.validators import Draft202012Validator, validator_for
 
+from slm_app.structured import numbers as json_numbers
 from slm_app.settings import TierLimits
 
 
@@ -75,6 +76,10 @@ def parse_schema(text: str, limits: TierLimits) -> dict:
     except jsonschema.SchemaError as exc:
         draft = cls.__name__.removesuffix("Validator")
         raise SchemaError(f"not a valid {draft} schema: {exc.message} (at {exc.json_path})") from None
+    try:  # numbers are generated only where every JSON reader agrees on them (json_numbers)
+        json_numbers.check_schema(schema)
+    except json_numbers.NotInteroperable as exc:
+        raise SchemaError(str(exc)) from None
     return schema
 
 

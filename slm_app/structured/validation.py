@@ -15,6 +15,7 @@ from jsonschema import FormatChecker
 from jsonschema.validators import Draft202012Validator, validator_for
 from referencing import Registry
 
+from slm_app.structured import numbers as json_numbers
 from slm_app.structured.intake import _refuse_constant
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +108,8 @@ def validate_output(text: str, schema: dict) -> tuple[Any, str | None]:
         return None, "the output nests too deeply to be checked against the schema"
     if error is not None:
         return None, f"{error.message} (at {error.json_path})"
+    if (why := json_numbers.number_problem(text)) is not None:
+        return None, f"{why}: {json_numbers.RULE}"
     return data, None
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, health as ui_health, tools as ui_tools
+from slm_app.ui.json_output import json_text
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService
 from slm_app.ui.controls import sampling_controls, structured_controls
@@ -88,8 +89,10 @@ def build_ui(service: GenerationService) -> gr.Blocks:
 
     @user_errors
     def structured(prompt: str, schema: str, max_new_tokens: float, temperature: float,
-                   seed: float | None) -> dict[str, Any]:
+                   seed: float | None) -> str:
         """Generate JSON that validates against the given JSON Schema (constrained decoding, then jsonschema).
+        Returns JSON text (parse it with json.loads): {success, data, error, relaxed, model_used,
+        inference_time_ms, tokens, raw_text}; data is the generated JSON, exactly as generated.
 
         Args:
             prompt: What the JSON should be about.
@@ -98,7 +101,8 @@ def build_ui(service: GenerationService) -> gr.Blocks:
             temperature: 0 is greedy; higher is more random.
             seed: A whole number for reproducible sampling; -1 for random.
         """
-        return service.structured(prompt, schema, max_new_tokens, temperature, seed)
+        # As text, not a JSON component: see json_output (keys such as "path", 64-bit integers).
+        return json_text(service.structured(prompt, schema, max_new_tokens, temperature, seed))
 
     def health() -> dict[str, Any]:
         """Server health: tier and why, model, memory, request counts, latency and speed."""
@@ -152,7 +156,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                 s_tokens, s_temp, s_seed = structured_controls(lim)
                 s_button = gr.Button("Generate JSON", variant="primary")
                 s_status = gr.Markdown()
-                s_out = gr.JSON(label="Result")
+                s_out = gr.Code(language="json", label="Result", interactive=False)
                 s_raw = gr.Textbox(label="Raw model output", lines=3)
             function_mode = ui_tools.build_function_call_mode(service, model_events)
             s_mode.change(lambda mode: (gr.Column(visible=mode == "JSON Schema"),
@@ -178,9 +182,10 @@ def build_ui(service: GenerationService) -> gr.Blocks:
     return demo
 
 
-def _structured_view(result: dict | None) -> tuple[str, str]:
-    if not result:
+def _structured_view(text: str | None) -> tuple[str, str]:
+    if not text:
         return "", ""
+    result = json.loads(text)
     if result.get("success"):
         relaxed = " (schema compiled in relaxed mode)" if result.get("relaxed") else ""
         status = f"✅ Validated against the schema{relaxed} · {result.get('tokens')} tokens · " \
