@@ -70,6 +70,10 @@ class Engine(ABC):
         A local engine that loaded is always available."""
         return None
 
+    def prompt_cache(self) -> dict[str, Any] | None:
+        """The prompt cache's numbers (``slm_app.prefix_cache``), or None when this engine has none."""
+        return None
+
     @abstractmethod
     def score(self, tokens: Sequence[int]) -> np.ndarray:
         """Log-probabilities of ``tokens[1:]`` (perplexity)."""
@@ -81,13 +85,13 @@ class Engine(ABC):
 class LocalEngine(Engine):
     """A backend in this process, driven by one scheduler."""
 
-    def __init__(self, backend: Backend, queue_size: int):
+    def __init__(self, backend: Backend, queue_size: int, prompt_cache: bool = True):
         self.backend = backend
-        self.scheduler = Scheduler(backend, queue_size=queue_size)
+        self.scheduler = Scheduler(backend, queue_size=queue_size, prompt_cache=prompt_cache)
 
     @classmethod
     def load_from(cls, config: EngineConfig, queue_size: int) -> "LocalEngine":
-        return cls(load_backend(config), queue_size)
+        return cls(load_backend(config), queue_size, prompt_cache=config.prompt_cache)
 
     def info(self) -> ModelInfo:
         return self.backend.info()
@@ -114,6 +118,9 @@ class LocalEngine(Engine):
 
     def load(self) -> dict[str, int]:
         return self.scheduler.load()
+
+    def prompt_cache(self) -> dict[str, Any] | None:
+        return self.scheduler.cache_stats()
 
     def drain(self, timeout_s: float) -> bool:
         return self.scheduler.drain(timeout_s)

@@ -160,6 +160,10 @@ class Settings(BaseSettings):
     # False: XLA's own matmul (also what happens when there is no C++ compiler).
     matvec_kernel: bool = True
 
+    # Prompt cache (local backends): a finished request's KV stays in its slot for the next request
+    # that starts the same way, and slots share common prefixes (docs/prompt-cache.md).
+    prompt_cache: bool = True
+
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
     n_threads: int | None = Field(default=None, ge=1)  # default: cores this process may use
@@ -218,6 +222,7 @@ class EngineConfig(BaseModel):
     chat_template: bool = True
     flash_attn: Literal["auto", "on", "off"] = "auto"
     fake_step_ms: float = 0.0
+    prompt_cache: bool = True
 
 
 class ResolvedTier(BaseModel):
@@ -245,7 +250,7 @@ class ResolvedTier(BaseModel):
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
-            fake_step_ms=settings.fake_step_ms)
+            fake_step_ms=settings.fake_step_ms, prompt_cache=settings.prompt_cache)
 
 
 def llama_cpp_installed() -> bool:

@@ -236,10 +236,17 @@ class ModelList(BaseModel):
     data: list[ModelCard] = Field(description="The model this server loaded (its id, and the configured name)")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from the prompt cache instead of being "
+                                           "computed (docs/prompt-cache.md)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens in the prompt(s) as the model saw them")
     completion_tokens: int = Field(description="Tokens generated (every structured-output attempt included)")
     total_tokens: int = Field(description="The sum of both")
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        default=None, description="With plain generations: how many prompt tokens the prompt cache served")
 
 
 class CompletionChoice(BaseModel):
@@ -375,10 +382,14 @@ def _finish_reason(seq: Completion, params: SamplingParams) -> str:
     return "stop"
 
 
-def _usage(seqs: list[Completion]) -> dict[str, int]:
+def _usage(seqs: list[Completion]) -> dict[str, Any]:
     prompt = sum(s.prompt_tokens for s in seqs)
     completion = sum(s.completion_tokens for s in seqs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if seqs and all(s.cached_tokens is not None for s in seqs):  # counted by the local scheduler
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(s.cached_tokens or 0 for s in seqs)}
+    return usage
 
 
 @dataclasses.dataclass

@@ -1,0 +1,248 @@
+"""The prompt cache (slm_app.prefix_cache) on the real models: a chat turn reuses the KV of the turns
+before it, slots share a common prefix, eviction serves everyone, and a cached answer is a cold one.
+
+llama.cpp: SmolLM2-135M-Instruct (embedded GGUF) and Gemma 3 270M under a scheduler, as the app runs
+them; "cold" is the same request after ``call_exclusive`` has dropped every cached prefix.
+TensorFlow: a random float32 GPT-2, where a cached answer's logits are a cold one's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slm_app.backends.base import Row, SamplingParams
+from slm_app.scheduler import Completion, Scheduler
+from slm_app.settings import EngineConfig, Settings
+
+CACHE = Path(Settings().cache_dir).expanduser()
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
+DOCUMENT = " ".join(f"Rule {i}: the {['red', 'blue', 'green', 'amber'][i % 4]} lamp means step {i}." for i in range(60))
+
+
+def llama_config(model: str, **kw) -> EngineConfig:
+    # One thread, flash attention off, as tests/test_llama_backend.py (a shared 2-core box).
+    base = dict(backend="llama.cpp", model=model, cache_dir=CACHE, n_slots=4, max_prompt_tokens=2048,
+                max_new_tokens=256, n_ctx=4096, n_threads=1, flash_attn="off")
+    return EngineConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def offline():
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="module")
+def smol(offline) -> Scheduler:
+    pytest.importorskip("llama_cpp")
+    from slm_app.backends.llama_cpp_backend import LlamaCppBackend
+
+    s = Scheduler(LlamaCppBackend.load(llama_config("embedded:smollm2-135m-instruct")))
+    yield s
+    s.close()
+
+
+def chat(s: Scheduler, messages: list[dict[str, str]]) -> list[int]:
+    return s.backend.tokenize(s.backend.render_chat(messages))
+
+
+def run(s: Scheduler, ids: list[int], params: SamplingParams = GREEDY) -> tuple[Completion, list[int]]:
+    final = s.submit(ids, params).result(timeout=300)
+    assert final.finish_reason in ("stop", "length"), final
+    return final, s.backend.tokenize(final.text) if final.text else []
+
+
+def cold(s: Scheduler, ids: list[int], params: SamplingParams = GREEDY) -> Completion:
+    s.call_exclusive(lambda backend: None)  # drops every cached prefix first
+    final = s.submit(ids, params).result(timeout=300)
+    assert final.cached_tokens == 0
+    return final
+
+
+@pytest.mark.llama
+def test_second_turn_reuses_the_first_and_answers_as_cold(smol: Scheduler) -> None:
+    s = smol
+    turns = [{"role": "system", "content": "You answer from this document.\n" + DOCUMENT},
+             {"role": "user", "content": "What does the red lamp mean?"}]
+    s.call_exclusive(lambda backend: None)
+    first, _ = run(s, chat(s, turns))
+    assert first.cached_tokens == 0
+    turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the green one?"}]
+    ids = chat(s, turns)
+    second, _ = run(s, ids)
+    # The whole first prompt and its answer are reused: only the new turn is computed.
+    assert second.cached_tokens >= first.prompt_tokens, (second.cached_tokens, first.prompt_tokens)
+    assert second.prompt_tokens - second.cached_tokens < 40
+    assert second.text == cold(s, ids).text
+    stats = s.cache_stats()
+    assert stats["cached_tokens"] >= second.cached_tokens and stats["hits"] >= 1
+
+
+@pytest.mark.llama
+def test_different_system_prompts_share_only_their_common_tokens(smol: Scheduler) -> None:
+    s = smol
+    a = chat(s, [{"role": "system", "content": "You are a pirate. " + DOCUMENT[:400]},
+                 {"role": "user", "content": "Say hello."}])
+    b = chat(s, [{"role": "system", "content": "You are a banker. " + DOCUMENT[:400]},
+                 {"role": "user", "content": "Say hello."}])
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    s.call_exclusive(lambda backend: None)
+    run(s, a)
+    answer, _ = run(s, b)
+    assert answer.cached_tokens == common  # the template's opening, never the other system prompt
+    assert answer.text == cold(s, b).text
+
+
+@pytest.mark.llama
+def test_another_namespace_never_reuses_kv(smol: Scheduler, monkeypatch) -> None:
+    """KV computed under one LoRA adapter (a namespace) is never served under another."""
+    s = smol
+    ids = chat(s, [{"role": "system", "content": DOCUMENT[:600]}, {"role": "user", "content": "Hi"}])
+    s.call_exclusive(lambda backend: None)
+    run(s, ids)
+    again, _ = run(s, ids)
+    assert again.cached_tokens == len(ids) - 1
+    monkeypatch.setattr(s.backend, "cache_namespace", lambda params: "adapter:pirate")
+    other, _ = run(s, ids)
+    assert other.cached_tokens == 0
+    back, _ = run(s, ids)  # the same adapter again: its own KV now
+    assert back.cached_tokens == len(ids) - 1
+
+
+@pytest.mark.llama
+def test_requests_sharing_a_long_prefix_compute_it_once(smol: Scheduler) -> None:
+    s = smol
+    system = {"role": "system", "content": "Answer from this document.\n" + DOCUMENT}
+    prompts = [chat(s, [system, {"role": "user", "content": q}])
+               for q in ("What is rule 3?", "Which lamp is amber?", "How many rules?", "Say hi.")]
+    colds = [cold(s, p).text for p in prompts]
+    s.call_exclusive(lambda backend: None)
+    before = s.cache_stats()
+    gens = [s.submit(p, GREEDY) for p in prompts]
+    finals = [g.result(timeout=300) for g in gens]
+    after = s.cache_stats()
+    shared = min(len(p) for p in prompts) - 20
+    assert all(f.cached_tokens >= shared for f in finals[1:]), [f.cached_tokens for f in finals]
+    assert after["copies"] - before["copies"] >= 3
+    assert [f.text for f in finals] == colds
+
+
+@pytest.mark.llama
+def test_eviction_under_pressure_serves_everyone(offline) -> None:
+    """More conversations than the cells hold: old prefixes are evicted, nobody is refused."""
+    from slm_app.backends.llama_cpp_backend import LlamaCppBackend
+
+    s = Scheduler(LlamaCppBackend.load(llama_config("embedded:smollm2-135m-instruct", n_ctx=1024, n_slots=2)))
+    try:
+        prompts = [chat(s, [{"role": "system", "content": f"Conversation {i}. " + DOCUMENT[i * 40: i * 40 + 900]},
+                            {"role": "user", "content": "Summarise."}]) for i in range(5)]
+        assert all(250 < len(p) < 400 for p in prompts), [len(p) for p in prompts]
+        params = SamplingParams(max_new_tokens=32, temperature=0.0)
+        finals = [g.result(timeout=300) for g in [s.submit(p, params) for p in prompts]]
+        assert [f.finish_reason for f in finals] == ["length"] * 5 or all(f.finish_reason in ("stop", "length")
+                                                                           for f in finals)
+        stats = s.cache_stats()
+        assert stats["evictions"] >= 1 and stats["cells_in_use"] <= stats["kv_cells"]
+        # The last conversation's prefix is still cached: its next turn reuses it.
+        again = s.submit(prompts[-1], params).result(timeout=300)
+        assert again.cached_tokens == len(prompts[-1]) - 1
+        assert again.text == finals[-1].text
+    finally:
+        s.close()
+
+
+@pytest.mark.llama
+def test_cancel_mid_prefill_leaves_the_cache_consistent(offline) -> None:
+    from slm_app.backends.llama_cpp_backend import LlamaCppBackend
+
+    s = Scheduler(LlamaCppBackend.load(llama_config("embedded:smollm2-135m-instruct", n_batch=64)))
+    try:
+        ids = chat(s, [{"role": "system", "content": DOCUMENT}, {"role": "user", "content": "What is rule 7?"}])
+        want = cold(s, ids).text
+        s.call_exclusive(lambda backend: None)
+        gen = s.submit(ids, GREEDY)
+        while s.cache_stats()["slots"][0]["tokens"] < 128:  # two of its 64-token chunks are in
+            time.sleep(0.002)
+        gen.cancel()
+        assert gen.result(timeout=60).finish_reason == "cancelled"
+        kept = s.cache_stats()["slots"][0]["tokens"]
+        assert 128 <= kept < len(ids)
+        again = s.submit(ids, GREEDY).result(timeout=300)
+        assert again.cached_tokens == kept and again.text == want
+    finally:
+        s.close()
+
+
+@pytest.mark.llama
+def test_gemma_reuses_past_its_sliding_window(offline) -> None:
+    """Gemma 3 attends locally (512-token windows) in most layers; the full-size SWA cache keeps
+    every position, so a long prompt is reused whole and answers as cold."""
+    from slm_app.backends.llama_cpp_backend import LlamaCppBackend
+
+    s = Scheduler(LlamaCppBackend.load(llama_config("embedded:gemma-3-270m")))
+    try:
+        ids = s.backend.tokenize(DOCUMENT * 2 + "\nQuestion: what does the amber lamp mean?\nAnswer:")
+        assert len(ids) > 700
+        want = cold(s, ids).text
+        run(s, ids)
+        again, _ = run(s, ids + s.backend.tokenize(" Rule")[1:])
+        assert again.cached_tokens == len(ids)
+        assert (s.submit(ids, GREEDY).result(timeout=300)).text == want
+    finally:
+        s.close()
+
+
+# ---- TensorFlow: bit for bit ------------------------------------------------------------------------
+
+@pytest.fixture
+def tf_model(tmp_path_factory):
+    from slm_app.backends.tf_gpt2 import TFGPT2Backend
+    from slm_app.provisioning.tiny_gpt2 import build_random_gpt2
+    from slm_app.settings import resolve_tier
+
+    cache_dir = tmp_path_factory.mktemp("slm-cache")
+    folder = build_random_gpt2(tmp_path_factory.mktemp("small") / "gpt2", seed=1, n_embd=16, n_layer=2, n_head=2,
+                               vocab_size=50257, n_positions=1024, initializer_range=0.5)
+    settings = Settings(tier="free", cache_dir=str(cache_dir))
+    config = resolve_tier(settings).engine_config(settings).model_copy(
+        update={"model": str(folder), "warmup": False, "float16": False, "n_slots": 3})
+    backend = TFGPT2Backend.load(config)
+    yield backend
+    backend.close()
+
+
+def test_tf_kept_and_copied_prefixes_give_cold_logits_bit_for_bit(tf_model) -> None:
+    b = tf_model
+    ids = b.tokenize("Once upon a time, in a land far away, there lived " * 4)
+    cold_logits = b.forward([Row(0, ids, 0, True, prompt=True)]).row(0).copy()
+    # Slot 0 keeps 37 tokens and computes the rest in other chunks; slot 1 copies 50 and computes 1.
+    assert b.keep_prefix(0, 37)
+    kept = b.forward([Row(0, ids[37:], 37, True, prompt=True)]).row(0).copy()
+    assert b.copy_prefix(0, 1, len(ids) - 1)
+    copied = b.forward([Row(1, ids[-1:], len(ids) - 1, True, prompt=True)]).row(0).copy()
+    assert np.array_equal(cold_logits, kept) and np.array_equal(cold_logits, copied)
+
+
+def test_tf_scheduler_cached_answers_are_cold_answers(tf_model) -> None:
+    s = Scheduler(tf_model)
+    try:  # (closing the scheduler closes this test's own backend)
+        sampled = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7)
+        first = s.submit(tf_model.tokenize("The quick brown fox jumps over the lazy dog. " * 6), GREEDY).result(60)
+        turn2 = tf_model.tokenize("The quick brown fox jumps over the lazy dog. " * 6 + first.text + " Then")
+        for params in (GREEDY, sampled):
+            want = cold(s, turn2, params)
+            s.submit(tf_model.tokenize("The quick brown fox jumps over the lazy dog. " * 6), GREEDY).result(60)
+            got = s.submit(turn2, params).result(60)
+            # Only prefilled tokens are reused on TensorFlow (decode rows write other bits): the prompt.
+            assert got.cached_tokens > 0
+            assert got.text == want.text
+    finally:
+        s.close(timeout_s=5)
