@@ -46,6 +46,7 @@ def smol(offline) -> Scheduler:
     from slm_app.backends.llama_cpp_backend import LlamaCppBackend
 
     s = Scheduler(LlamaCppBackend.load(llama_config("embedded:smollm2-135m-instruct")))
+    END_OF_TURN[id(s.backend)] = 2  # <|im_end|>
     yield s
     s.close()
 
@@ -67,6 +68,33 @@ def cold(s: Scheduler, ids: list[int], params: SamplingParams = GREEDY) -> Compl
     return final
 
 
+def answer_tokens(s: Scheduler, ids: list[int], params: SamplingParams = GREEDY) -> tuple[Completion, list[int]]:
+    """A greedy answer and its token ids (an end of text as the model's end-of-turn token)."""
+    generation = s.submit(ids, params)
+    final = generation.result(timeout=300)
+    tokens = list(generation._job.token_ids)  # the scheduler's record of what was sampled
+    if final.finish_reason == "stop":
+        tokens.append(END_OF_TURN[id(s.backend)])
+    return final, tokens
+
+
+END_OF_TURN: dict[int, int] = {}
+
+
+def same_or_near_tie(s: Scheduler, prompt: list[int], got: list[int], want: list[int], tol: float = 0.05) -> None:
+    """Cached greedy tokens equal cold ones; where llama.cpp rounds differently they may part at a
+    near tie only: at the first difference the two tokens' log-probabilities (scored cold) are within
+    ``tol``. (The unified KV cache places a cached sequence's cells elsewhere than a cold one's, and
+    attention sums over cells in cell order: the last bits of a logit change, see docs/prompt-cache.md.)"""
+    if got == want:
+        return
+    j = next((i for i in range(min(len(got), len(want))) if got[i] != want[i]), None)
+    assert j is not None, (got, want)  # one stopped early without an end token: not a tie
+    context = prompt + want[:j]
+    a, b = (s.call_exclusive(lambda backend, t=t: backend.score(context + [t]))[-1] for t in (want[j], got[j]))
+    assert abs(a - b) < tol, f"token {j}: cold {want[j]} ({a:.4f}) against cached {got[j]} ({b:.4f})"
+
+
 @pytest.mark.llama
 def test_second_turn_reuses_the_first_and_answers_as_cold(smol: Scheduler) -> None:
     s = smol
@@ -77,11 +105,12 @@ def test_second_turn_reuses_the_first_and_answers_as_cold(smol: Scheduler) -> No
     assert first.cached_tokens == 0
     turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the green one?"}]
     ids = chat(s, turns)
-    second, _ = run(s, ids)
+    second, got = answer_tokens(s, ids)
     # The whole first prompt and its answer are reused: only the new turn is computed.
     assert second.cached_tokens >= first.prompt_tokens, (second.cached_tokens, first.prompt_tokens)
     assert second.prompt_tokens - second.cached_tokens < 40
-    assert second.text == cold(s, ids).text
+    s.call_exclusive(lambda backend: None)
+    same_or_near_tie(s, ids, got, answer_tokens(s, ids)[1])
     stats = s.cache_stats()
     assert stats["cached_tokens"] >= second.cached_tokens and stats["hits"] >= 1
 
@@ -246,3 +275,78 @@ def test_tf_scheduler_cached_answers_are_cold_answers(tf_model) -> None:
             assert got.text == want.text
     finally:
         s.close(timeout_s=5)
+
+
+# ---- through the app: the openai SDK and the Chat tab ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def pro_apps(offline):
+    """The pro tier twice: with the prompt cache (the default) and without it (the cold reference)."""
+    pytest.importorskip("llama_cpp")
+    from conftest import launch_app
+
+    with launch_app(Settings(tier="pro", n_threads=1, flash_attn="off")) as warm, \
+            launch_app(Settings(tier="pro", n_threads=1, flash_attn="off", prompt_cache=False)) as cold_app:
+        yield warm, cold_app
+
+
+def _health(app) -> dict:
+    import httpx
+
+    return httpx.get(app.url.rstrip("/") + "/health", timeout=30).json()
+
+
+@pytest.mark.llama
+def test_openai_multi_turn_reports_cached_tokens_and_answers_as_cold(pro_apps) -> None:
+    from openai import OpenAI
+
+    warm, cold_app = pro_apps
+    sdk = OpenAI(base_url=warm.url.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    reference = OpenAI(base_url=cold_app.url.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    model = sdk.models.list().data[0].id
+    messages = [{"role": "system", "content": "You answer from this document.\n" + DOCUMENT[:1500]},
+                {"role": "user", "content": "What does the blue lamp mean?"}]
+    for turn, follow_up in enumerate(["And the amber one?", "Which rule is last?", "Thanks."]):
+        stream = sdk.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24,
+                                             stream=True, stream_options={"include_usage": True})
+        text, usage = "", None
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+            usage = chunk.usage or usage
+        want = reference.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+        assert text == want.choices[0].message.content
+        assert want.usage.prompt_tokens_details.cached_tokens == 0  # the cache is off there
+        cached = usage.prompt_tokens_details.cached_tokens
+        if turn == 0:
+            assert cached < 40, cached  # at most another test's template opening
+        else:
+            assert usage.prompt_tokens - cached < 60, (usage.prompt_tokens, cached)
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
+    import httpx
+
+    metrics = httpx.get(warm.url.rstrip("/") + "/metrics", timeout=30).text
+    line = next(x for x in metrics.splitlines()
+                if x.startswith("slm_prompt_tokens_total{") and 'source="cached"' in x and 'endpoint="chat"' in x)
+    assert float(line.split()[-1]) > 0
+    cache = _health(warm)["prompt_cache"]
+    assert cache["enabled"] and cache["cached_tokens"] > 0 and cache["hits"] >= 2
+
+
+@pytest.mark.llama
+def test_chat_tab_second_turn_is_served_from_the_cache(pro_apps) -> None:
+    from gradio_client import Client
+
+    warm, cold_app = pro_apps
+    system = "Answer from this document. " + DOCUMENT[:1200]
+
+    def conversation(app) -> list[str]:
+        client = Client(app.url, verbose=False)
+        return [client.predict(message, system, 24, 0, 1.0, 0, api_name="/chat")
+                for message in ("What does the red lamp mean?", "And rule 9?")]
+
+    before = _health(warm)["prompt_cache"]["cached_tokens"]
+    answers = conversation(warm)
+    after = _health(warm)["prompt_cache"]["cached_tokens"]
+    assert after - before > 200  # the second turn reused the document and the first exchange
+    assert answers == conversation(cold_app)
