@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/prompt_cache.py --llama-server PATH/llama-server [--threads 2] [--repeats 3]
         [--app-env SLM_N_BATCH=512 ...]
+    .venv/bin/python bench/prompt_cache.py --cache-off-baseline   # the app against itself, cache off
 
 Starts llama-server (``-np 4 -c 8192 -t THREADS``, its defaults otherwise: ``-b 2048 -ub 512``,
 ``cache_prompt`` on) and the app (``app.py``, pro tier, the embedded SmolLM2-135M-Instruct GGUF,
@@ -104,18 +105,27 @@ async def run(args: argparse.Namespace) -> None:
     gguf = args.model or str(smollm2_gguf())
     logs = Path(tempfile.mkdtemp(prefix="prompt_cache_bench_"))
     peer_port, app_port = free_port(), free_port()
-    peer = start([args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(peer_port), "-t", str(args.threads),
-                  "-np", "4", "-c", "8192", "--no-webui"], dict(os.environ), logs / "llama-server.log")
     env = {**os.environ, "SLM_TIER": "pro", "GRADIO_SERVER_PORT": str(app_port), "SLM_PARALLEL": "4",
            "SLM_N_CTX": "8192", "SLM_N_THREADS": str(args.threads), "SLM_MAX_PROMPT_TOKENS": "4096",
            **dict(kv.split("=", 1) for kv in args.app_env)}
+    if args.llama_server:
+        peer_name = "llama-server"
+        peer = start([args.llama_server, "-m", gguf, "--host", "127.0.0.1", "--port", str(peer_port),
+                      "-t", str(args.threads), "-np", "4", "-c", "8192", "--no-webui"],
+                     dict(os.environ), logs / "llama-server.log")
+        peer_ready = f"http://127.0.0.1:{peer_port}/v1/models"
+    else:
+        peer_name = "app, cache off"
+        peer = start([sys.executable, str(ROOT / "app.py")],
+                     {**env, "GRADIO_SERVER_PORT": str(peer_port), "SLM_PROMPT_CACHE": "false"}, logs / "app-off.log")
+        peer_ready = f"http://127.0.0.1:{peer_port}/health"
     app = start([sys.executable, str(ROOT / "app.py")], env, logs / "app.log")
-    sides = {"app": f"http://127.0.0.1:{app_port}/v1", "llama-server": f"http://127.0.0.1:{peer_port}/v1"}
+    sides = {"app": f"http://127.0.0.1:{app_port}/v1", peer_name: f"http://127.0.0.1:{peer_port}/v1"}
     turns: dict[str, list[list[float]]] = {s: [[] for _ in TURNS] for s in sides}
     cached: dict[str, list] = {s: [None] * len(TURNS) for s in sides}
     shared: dict[str, list[float]] = {s: [] for s in sides}
     try:
-        wait_ready(f"{sides['llama-server']}/models", peer, "llama-server")
+        wait_ready(peer_ready, peer, peer_name)
         wait_ready(f"http://127.0.0.1:{app_port}/health", app, "app")
         async with httpx.AsyncClient(timeout=600) as client:
             models = {s: (await client.get(f"{u}/models")).json()["data"][0]["id"] for s, u in sides.items()}
@@ -141,24 +151,27 @@ async def run(args: argparse.Namespace) -> None:
                     proc.kill()
 
     med = {s: [statistics.median(v) for v in turns[s]] for s in sides}
+    peer_med = med[peer_name]
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads, greedy, max_tokens {args.max_tokens}, "
           f"median of {args.repeats} (logs: {logs})\n")
     print("Multi-turn (~1.2k-token system document, each request resends the conversation): TTFT per turn\n")
-    print("| turn | app | llama-server | ratio | app cached / prompt tokens |")
+    print(f"| turn | app | {peer_name} | ratio | app cached tokens |")
     print("|---:|---:|---:|---:|---:|")
     for i in range(len(TURNS)):
-        a, p = med["app"][i], med["llama-server"][i]
+        a, p = med["app"][i], peer_med[i]
         print(f"| {i + 1} | {a:.3f} s | {p:.3f} s | {a / p:.2f}× | {cached['app'][i]} |")
-    a, p = statistics.median(shared["app"]), statistics.median(shared["llama-server"])
+    a, p = statistics.median(shared["app"]), statistics.median(shared[peer_name])
     print("\nShared prefix (4 users at once, the same ~1.2k-token system prompt, different questions): summed TTFT\n")
-    print("| | app | llama-server -np 4 | ratio |")
+    print(f"| | app | {peer_name} (4 slots) | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| summed TTFT | {a:.3f} s | {p:.3f} s | {a / p:.2f}× |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-server", required=True, help="path of llama.cpp's llama-server binary")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--llama-server", help="path of llama.cpp's llama-server binary")
+    group.add_argument("--cache-off-baseline", action="store_true", help="compare with the app, SLM_PROMPT_CACHE=false")
     parser.add_argument("--model", help="GGUF (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
