@@ -60,8 +60,12 @@ def answer_tokens(s: Scheduler, ids: list[int], params: SamplingParams = GREEDY)
     final = generation.result(timeout=300)
     tokens = list(generation._job.token_ids)  # the scheduler's record of what was sampled
     if final.finish_reason == "stop":
-        tokens.append(next(t for t in s.backend.tokenize("<|im_end|>") if s.backend.is_end(t)))
+        tokens.append(end_of_turn(s))
     return final, tokens
+
+
+def end_of_turn(s: Scheduler) -> int:
+    return next(t for text in ("<|im_end|>", "<end_of_turn>") for t in s.backend.tokenize(text) if s.backend.is_end(t))
 
 
 def same_or_near_tie(s: Scheduler, prompt: list[int], got: list[int], want: list[int], tol: float = 0.25) -> None:
@@ -135,7 +139,10 @@ def test_requests_sharing_a_long_prefix_compute_it_once(smol: Scheduler) -> None
     system = {"role": "system", "content": "Answer from this document.\n" + DOCUMENT}
     prompts = [chat(s, [system, {"role": "user", "content": q}])
                for q in ("What is rule 3?", "Which lamp is amber?", "How many rules?", "Say hi.")]
-    colds = [cold(s, p).text for p in prompts]
+    colds = []
+    for p in prompts:
+        s.call_exclusive(lambda backend: None)
+        colds.append(answer_tokens(s, p)[1])
     s.call_exclusive(lambda backend: None)
     before = s.cache_stats()
     gens = [s.submit(p, GREEDY) for p in prompts]
@@ -144,7 +151,12 @@ def test_requests_sharing_a_long_prefix_compute_it_once(smol: Scheduler) -> None
     shared = min(len(p) for p in prompts) - 20
     assert all(f.cached_tokens >= shared for f in finals[1:]), [f.cached_tokens for f in finals]
     assert after["copies"] - before["copies"] >= 3
-    assert [f.text for f in finals] == colds
+    # The prefix was computed once: the four prompts cost one prefix plus four questions.
+    assert after["computed_tokens"] - before["computed_tokens"] < len(prompts[0]) + 4 * 30
+    # Four decode rows in one batch run other kernels than one alone: near ties may part (as without the cache).
+    for prompt, g, want in zip(prompts, gens, colds):
+        got = list(g._job.token_ids) + ([end_of_turn(s)] if g.snapshot().finish_reason == "stop" else [])
+        same_or_near_tie(s, prompt, got, want)
 
 
 @pytest.mark.llama
@@ -162,11 +174,16 @@ def test_eviction_under_pressure_serves_everyone(offline) -> None:
         assert [f.finish_reason for f in finals] == ["length"] * 5 or all(f.finish_reason in ("stop", "length")
                                                                            for f in finals)
         stats = s.cache_stats()
-        assert stats["evictions"] >= 1 and stats["cells_in_use"] <= stats["kv_cells"]
+        assert stats["cells_in_use"] <= stats["kv_cells"], stats
+        # Four slots, 1024 cells: the oldest conversation's prefix made room (its slot was reused or
+        # evicted), the newest is still cached.
+        oldest = s.submit(prompts[0], params).result(timeout=300)
+        assert oldest.cached_tokens < 20, oldest.cached_tokens
         # The last conversation's prefix is still cached: its next turn reuses it.
-        again = s.submit(prompts[-1], params).result(timeout=300)
+        again, got = answer_tokens(s, prompts[-1], params)
         assert again.cached_tokens == len(prompts[-1]) - 1
-        assert again.text == finals[-1].text
+        s.call_exclusive(lambda backend: None)
+        same_or_near_tie(s, prompts[-1], got, answer_tokens(s, prompts[-1], params)[1])
     finally:
         s.close()
 
@@ -208,11 +225,13 @@ def test_gemma_reuses_past_its_sliding_window(offline) -> None:
     try:
         ids = s.backend.tokenize(DOCUMENT * 2 + "\nQuestion: what does the amber lamp mean?\nAnswer:")
         assert len(ids) > 700
-        want = cold(s, ids).text
-        run(s, ids)
+        s.call_exclusive(lambda backend: None)
+        want = answer_tokens(s, ids)[1]
         again, _ = run(s, ids + s.backend.tokenize(" Rule")[1:])
-        assert again.cached_tokens == len(ids)
-        assert (s.submit(ids, GREEDY).result(timeout=300)).text == want
+        assert again.cached_tokens >= len(ids)
+        final, got = answer_tokens(s, ids)
+        assert final.cached_tokens == len(ids) - 1
+        same_or_near_tie(s, ids, got, want)
     finally:
         s.close()
 
