@@ -141,6 +141,7 @@ async def run(args: argparse.Namespace) -> None:
                     shared[side].append(await shared_prefix(client, sides[side], models[side], f"{rep}-sp-{side}",
                                                             args.max_tokens))
                 print(f"repeat {rep + 1}/{args.repeats} done", file=sys.stderr)
+                report(args, peer_name, turns, cached, shared, rep + 1, logs)
     finally:
         for proc in (app, peer):
             if proc.poll() is None:
@@ -150,10 +151,12 @@ async def run(args: argparse.Namespace) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
 
-    med = {s: [statistics.median(v) for v in turns[s]] for s in sides}
+def report(args: argparse.Namespace, peer_name: str, turns: dict, cached: dict, shared: dict, done: int,
+           logs: Path) -> None:
+    med = {s: [statistics.median(v) for v in turns[s]] for s in turns}
     peer_med = med[peer_name]
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.threads} threads, greedy, max_tokens {args.max_tokens}, "
-          f"median of {args.repeats} (logs: {logs})\n")
+          f"median of {done} repeat(s) (logs: {logs})\n")
     print("Multi-turn (~1.2k-token system document, each request resends the conversation): TTFT per turn\n")
     print(f"| turn | app | {peer_name} | ratio | app cached tokens |")
     print("|---:|---:|---:|---:|---:|")
@@ -164,7 +167,7 @@ async def run(args: argparse.Namespace) -> None:
     print("\nShared prefix (4 users at once, the same ~1.2k-token system prompt, different questions): summed TTFT\n")
     print(f"| | app | {peer_name} (4 slots) | ratio |")
     print("|---|---:|---:|---:|")
-    print(f"| summed TTFT | {a:.3f} s | {p:.3f} s | {a / p:.2f}× |")
+    print(f"| summed TTFT | {a:.3f} s | {p:.3f} s | {a / p:.2f}× |", flush=True)
 
 
 def main() -> None:
