@@ -29,6 +29,9 @@ class Metrics:
         self.http_requests = Counter("slm_http_requests", "HTTP API requests by route and status",
                                      ["route", "status"], registry=r)
         self.tokens = Counter("slm_generated_tokens", "Tokens generated", ["endpoint"], registry=r)
+        # Prompt tokens by how their KV was had: "cached" (the prompt cache), "computed" (prefilled).
+        self.prompt_tokens = Counter("slm_prompt_tokens", "Prompt tokens, reused from the prompt cache or computed",
+                                     ["endpoint", "source"], registry=r)
         self.latency = Histogram("slm_request_latency_seconds", "Request latency", ["endpoint"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("slm_time_to_first_token_seconds", "Time to first token", ["endpoint"],
@@ -57,6 +60,10 @@ class Metrics:
             self._latencies_ms.append(seconds * 1000)
             if tokens and seconds > 0:
                 self._rates.append(tokens / seconds)
+
+    def record_prompt(self, endpoint: str, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prompt_tokens.labels(endpoint, "cached").inc(cached_tokens)
+        self.prompt_tokens.labels(endpoint, "computed").inc(max(0, prompt_tokens - cached_tokens))
 
     def sample_memory(self) -> None:
         with self._lock:

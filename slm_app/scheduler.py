@@ -5,7 +5,9 @@ Between decode steps the loop admits waiting requests into free slots (FIFO), th
 budget, a chunk of the prompt of a slot still prefilling, so a long prompt never freezes the slots
 that are decoding. Each row is sampled with its own request's parameters, seed and constraint, and
 each request's text is published to its caller after every step. A finished or cancelled request
-frees its slot at once. llama.cpp's ``llama-server`` works the same way.
+frees its slot at once, and leaves its tokens' KV there for the next request that starts the same
+way (``slm_app.prefix_cache`` decides which slot a request takes, what it reuses or copies from
+another slot, and which cached prefixes are evicted). llama.cpp's ``llama-server`` works the same way.
 
 When every running request decodes greedily with nothing to do between its tokens (no constraint,
 no repeat penalty) and nobody waits for a free slot, a backend that offers ``decode_greedy`` runs
@@ -37,6 +39,7 @@ import numpy as np
 from slm_app import admission
 from slm_app.backends.base import Backend, NativeSampler, Row, SamplingParams, TokenConstraint
 from slm_app.errors import Failure, PromptTooLong, SchedulerClosed
+from slm_app.prefix_cache import Plan, PrefixCache
 from slm_app.sampling import PENALTY_LAST_N, Sampler, TextAssembler
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ class Completion:
     # What kind of failure, when an engine says (a remote upstream's); None: a failure in the model here.
     failure: Failure | None = None
     retry_after: int | None = None
+    # Prompt tokens whose KV came from the prompt cache (not computed); None where nobody counted (remote).
+    cached_tokens: int | None = None
 
     @property
     def done(self) -> bool:
@@ -114,6 +119,9 @@ class _Job:
     state: str = _WAITING
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the slot's cache
+    cached: int = 0  # of which reused from the prompt cache
+    namespace: str = "base"  # what the KV depends on besides tokens (Backend.cache_namespace)
+    share: tuple["_Job", int] | None = None  # waiting for that request to prefill this many shared tokens
     token_ids: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)  # sampled or forced, not yet fed to the model
     sampler: Sampler | NativeSampler | None = None
@@ -198,9 +206,10 @@ class Generation:
 class Scheduler:
     """Owns ``backend``: only this object's thread calls its model primitives."""
 
-    def __init__(self, backend: Backend, queue_size: int = 16):
+    def __init__(self, backend: Backend, queue_size: int = 16, prompt_cache: bool = True):
         self.backend = backend
         self.limits = backend.limits()
+        self.cache = PrefixCache(self.limits, enabled=prompt_cache, decode_kv_reusable=backend.decode_kv_reusable)
         self.queue_size = queue_size
         self._lock = threading.Condition()
         self._queue: admission.AdmissionQueue[_Job] = admission.AdmissionQueue(queue_size)
@@ -251,6 +260,11 @@ class Scheduler:
         with self._lock:
             return {"waiting": len(self._waiting), "running": sum(j is not None for j in self._slots),
                     "slots": len(self._slots)}
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The prompt cache's numbers (tokens reused and computed, slots' cached prefixes), for Health."""
+        with self._lock:
+            return self.cache.snapshot()
 
     def stop_admitting(self) -> None:
         with self._lock:
@@ -308,6 +322,7 @@ class Scheduler:
                     fn = future = None
                     self._admit()
             if future is not None:
+                self._drop_cache()  # the call may use any cell (score fills slot 0 up to n_ctx)
                 future.run(fn, self.backend)
                 continue
             try:
@@ -332,19 +347,68 @@ class Scheduler:
         if self._exclusive:
             return  # let running requests end so the exclusive call can run
         lim = self.limits
-        reserved = sum(min(j.reserved, lim.max_sequence_tokens) for j in self._slots if j is not None)
         while self._waiting:
             job = self._waiting[0]
-            free = next((i for i, j in enumerate(self._slots) if j is None), None)
-            need = min(job.reserved, lim.max_sequence_tokens)
-            if free is None or (reserved + need > lim.kv_cells and reserved > 0):
+            job.namespace = self.backend.cache_namespace(job.params)
+            waiting_on_share = {j.slot for j in self._slots if j is not None and j.share is not None}
+            plan = self.cache.plan(job.prompt_ids, job.namespace, min(job.reserved, lim.max_sequence_tokens),
+                                   waiting_on_share)
+            if plan is None:
                 return  # the head waits for room; nobody overtakes it
             self._waiting.popleft()
-            reserved += need
-            job.state, job.slot, job.started = _PREFILL, free, time.perf_counter()
-            self._slots[free] = job
+            job.state, job.slot, job.started = _PREFILL, plan.slot, time.perf_counter()
+            self._slots[plan.slot] = job
+            self._place(job, plan)
             job.text = TextAssembler(job.params.stop)
             job.sampler = self.backend.native_sampler(job.params, job.seed) or Sampler(job.params, job.seed)
+
+    def _place(self, job: _Job, plan: Plan) -> None:
+        """Put ``job`` in its slot with what it reuses: evict, keep or copy, as the plan says."""
+        cache, backend, slot = self.cache, self.backend, plan.slot
+        for victim in plan.evict:
+            backend.release(victim)
+        cache.evicted(plan.evict)
+        reuse = plan.reuse
+        if plan.copy_from is not None and backend.copy_prefix(plan.copy_from, slot, reuse):
+            cache.copied(plan.copy_from, slot, reuse)
+        elif plan.copy_from is None and reuse > 0 and backend.keep_prefix(slot, reuse):
+            cache.kept(slot, reuse, job.namespace)
+        else:
+            reuse = 0
+            backend.release(slot)
+            cache.kept(slot, 0, job.namespace)
+        job.prefilled = job.cached = reuse
+        cache.assign(slot, job.prompt_ids, min(job.reserved, self.limits.max_sequence_tokens))
+        if plan.wait_for is not None and self._slots[plan.wait_for[0]] is not None:
+            job.share = (self._slots[plan.wait_for[0]], plan.wait_for[1])
+        else:
+            cache.count(len(job.prompt_ids), reuse)
+
+    def _take_shared(self, job: _Job) -> bool:
+        """For a request waiting for another's prefill of a common prefix: False while it should wait;
+        else copy the longest prefix any slot now holds and let it prefill the rest."""
+        donor, n = job.share  # type: ignore[misc]
+        if (donor.state == _PREFILL and not donor.cancelled and self._slots[donor.slot] is donor
+                and len(self.cache.entries[donor.slot].tokens) < n):
+            return False
+        job.share = None
+        gain, src = max((self.cache.usable(i, job.prompt_ids, job.namespace), i)
+                        for i in range(len(self._slots)) if i != job.slot)
+        if gain > job.prefilled and self.backend.copy_prefix(src, job.slot, gain):
+            with self._lock:
+                self.cache.copied(src, job.slot, gain)
+            job.prefilled = job.cached = gain
+        with self._lock:
+            self.cache.count(len(job.prompt_ids), job.cached)
+        return True
+
+    def _drop_cache(self) -> None:
+        """Forget every cached prefix (no request runs)."""
+        for slot, entry in enumerate(self.cache.entries):
+            if entry.tokens:
+                self.backend.release(slot)
+            with self._lock:
+                self.cache.clear(slot)
 
     def _step(self) -> None:
         lim = self.limits
@@ -371,9 +435,11 @@ class Scheduler:
         for job in sorted((j for j in self._slots if j is not None and j.state == _PREFILL), key=lambda j: j.submitted):
             if budget <= 0:
                 break
+            if job.share is not None and not self._take_shared(job):
+                continue
             chunk = job.prompt_ids[job.prefilled: job.prefilled + budget]
             last = job.prefilled + len(chunk) == len(job.prompt_ids)
-            rows.append(Row(job.slot, tuple(chunk), job.prefilled, last))
+            rows.append(Row(job.slot, tuple(chunk), job.prefilled, last, prompt=True))
             owners.append(job if last else None)  # type: ignore[arg-type]
             job.prefilled += len(chunk)
             budget -= len(chunk)
@@ -381,6 +447,9 @@ class Scheduler:
             return
         logits = self.backend.forward(rows)
         self.steps += 1
+        with self._lock:
+            for row in rows:
+                self.cache.fed(row.slot, row.pos, list(row.tokens), row.prompt)
         out = 0
         for row, job in zip(rows, owners):
             if not row.logits:
@@ -416,6 +485,9 @@ class Scheduler:
             job.pending = []
         picks = self.backend.decode_greedy(rows, steps)
         self.steps += 1
+        with self._lock:
+            for row, tokens in zip(rows, picks.tolist()):  # the call fed each row's token and all picks but the last
+                self.cache.fed(row.slot, row.pos, [*row.tokens, *tokens[:-1]], False)
         for job, tokens in zip(jobs, picks.tolist()):
             if all(self._accept(job, token) for token in tokens):
                 job.pending = job.pending[-1:]  # the call fed every token but its last one
@@ -481,9 +553,15 @@ class Scheduler:
             job.sampler.close()
         job.sampler = None
         try:
-            self.backend.release(job.slot)
+            # The slot keeps its tokens' KV for the next request (prompt cache), unless the step failed.
+            if error is not None or not self.cache.enabled:
+                self.backend.release(job.slot)
+                with self._lock:
+                    self.cache.clear(job.slot)
         finally:
             with self._lock:
+                if 0 <= job.slot < len(self._slots):
+                    self.cache.finish(job.slot)
                 if 0 <= job.slot < len(self._slots) and self._slots[job.slot] is job:
                     self._slots[job.slot] = None
                 job.error = error
@@ -496,6 +574,7 @@ class Scheduler:
             except Exception:  # releasing failed too: drop the slot anyway
                 log.exception("releasing slot %d failed", job.slot)
                 with self._lock:
+                    self.cache.clear(job.slot)
                     self._slots[job.slot] = None
                     self._finish(job, "error")
 
@@ -514,7 +593,7 @@ class Scheduler:
             finish_reason=job.finish_reason, seed=job.seed,
             queued_s=((job.started or now) - job.submitted),
             ttft_s=None if job.first_token is None else job.first_token - job.submitted,
-            elapsed_s=now - job.submitted, error=job.error)
+            elapsed_s=now - job.submitted, error=job.error, cached_tokens=job.cached)
 
     def _publish(self, job: _Job) -> None:
         job.pub.publish(self._completion(job))

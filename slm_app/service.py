@@ -269,6 +269,8 @@ class GenerationService:
     def _finished(self, endpoint: str, final: Completion) -> None:
         outcome = _OUTCOMES.get(final.finish_reason or "error", "error")
         self.metrics.record(endpoint, outcome, final.elapsed_s, final.completion_tokens, final.ttft_s)
+        if final.cached_tokens is not None:
+            self.metrics.record_prompt(endpoint, final.prompt_tokens, final.cached_tokens)
         if self.tier.profile.aggressive_gc and self.engine is not None and self.engine.occupancy().running == 0:
             gc.collect()  # free tier: between requests, when nothing is decoding
         self.metrics.sample_memory()
@@ -376,6 +378,7 @@ class GenerationService:
             "model_info": info.to_dict() if info else None,
             "limits": self.limits.model_dump(),
             "slots": engine.occupancy().to_dict() if engine is not None else None,
+            "prompt_cache": engine.prompt_cache() if engine is not None else None,
             "memory_usage": {"rss_mb": round(rss, 1), "usable_mb": round(usable, 1),
                              "percent_of_usable": round(100 * rss / usable, 1)},
             "rss_mb": round(rss, 1),

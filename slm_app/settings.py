@@ -177,6 +177,10 @@ class Settings(BaseSettings):
     # models whose file is small (the repacking costs little), off for the others.
     litert_xnnpack: bool | None = None
 
+    # Prompt cache (local backends): a finished request's KV stays in its slot for the next request
+    # that starts the same way, and slots share common prefixes (docs/prompt-cache.md).
+    prompt_cache: bool = True
+
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
     n_threads: int | None = Field(default=None, ge=1)  # default: cores this process may use
@@ -237,6 +241,7 @@ class EngineConfig(BaseModel):
     fake_step_ms: float = 0.0
     litert_weights: LiteRTWeights = "float32"
     litert_xnnpack: bool | None = None
+    prompt_cache: bool = True
 
 
 class ResolvedTier(BaseModel):
@@ -265,7 +270,7 @@ class ResolvedTier(BaseModel):
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
             fake_step_ms=settings.fake_step_ms, litert_weights=litert_weights(self.profile, settings),
-            litert_xnnpack=settings.litert_xnnpack)
+            litert_xnnpack=settings.litert_xnnpack, prompt_cache=settings.prompt_cache)
 
 
 def litert_weights(profile: TierProfile, settings: Settings) -> LiteRTWeights:

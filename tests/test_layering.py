@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("slm_app", "slm_app.errors", "slm_app.memory", "slm_app.presets"),
     ("slm_app.settings", "slm_app.memory_fit", "slm_app.metrics", "slm_app.sampling", "slm_app.backends",
      "slm_app.provisioning"),
-    ("slm_app.admission", "slm_app.scheduler"),
+    ("slm_app.admission", "slm_app.prefix_cache", "slm_app.scheduler"),
     ("slm_app.structured",),
     ("slm_app.engines",),
     ("slm_app.service",),

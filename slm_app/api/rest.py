@@ -72,6 +72,9 @@ class HealthResponse(BaseModel):
     model: str = Field(description="The model's id")
     memory_guard: dict[str, Any] = Field(
         description="limit_mb, source, refusing (true while new requests are refused for memory) and reason")
+    prompt_cache: dict[str, Any] | None = Field(
+        default=None, description="Local backends: prompt tokens reused (cached_tokens) and computed, hit_rate, "
+                                  "copies, evictions, KV cells in use and what each slot holds (docs/prompt-cache.md)")
 
 
 def register_routes(app: FastAPI, service: GenerationService) -> None:

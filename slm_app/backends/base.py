@@ -12,6 +12,10 @@ What a backend provides is what only it can do:
   frees a finished slot's cache;
 * optionally ``native_sampler`` (llama.cpp samples in C), ``score`` (perplexity) and
   ``decode_greedy`` (several greedy steps in one call, no Python between the tokens);
+* optionally prompt caching (``slm_app.prefix_cache`` is the policy): ``keep_prefix`` and
+  ``copy_prefix`` keep a finished request's KV for the next one or share it with another slot,
+  ``cache_namespace`` says what else the KV depends on (a LoRA adapter), ``decode_kv_reusable``
+  whether KV written while decoding may stand in for a prefill of the same tokens;
 * facts: ``info`` (typed ``ModelInfo``), ``limits`` (``SlotLimits``).
 
 A backend that talks to a remote server instead of holding a model is request-level and does not
@@ -117,6 +121,7 @@ class Row:
     tokens: Sequence[int]
     pos: int
     logits: bool = True
+    prompt: bool = False  # prompt tokens (prefill), however few: a backend may compute them another way
 
 
 class StepLogits(ABC):
@@ -229,6 +234,26 @@ class Backend(ABC):
     @abstractmethod
     def release(self, slot: int) -> None:
         """Forget the slot's cache: its next ``forward`` starts at position 0."""
+
+    # ---- prompt caching (optional: the defaults reuse nothing) -----------------------------------
+    # True when KV that decode rows wrote may stand in for a prefill of the same tokens. False
+    # (TensorFlow) reuses only what prefill wrote, so a cached answer is bit for bit a cold one.
+    decode_kv_reusable: bool = True
+
+    def keep_prefix(self, slot: int, n: int) -> bool:
+        """Keep positions ``0..n-1`` of the slot's cache and drop the rest, so the next ``forward``
+        continues at ``n``. False: this backend cannot (the scheduler then releases the slot)."""
+        return False
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """Make ``dst``'s cache positions ``0..n-1`` those of ``src`` (dropping what ``dst`` held);
+        ``src`` may be running. False: this backend cannot."""
+        return False
+
+    def cache_namespace(self, params: SamplingParams) -> str:
+        """What else than the tokens the KV of a request depends on: cached KV is reused only within
+        one namespace. A backend with LoRA adapters returns the adapter's id; "base" without one."""
+        return "base"
 
     def native_sampler(self, params: SamplingParams, seed: int) -> NativeSampler | None:
         """A sampler in the backend's own code, or None to sample in numpy (``slm_app.sampling``)."""

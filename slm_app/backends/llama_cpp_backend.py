@@ -407,6 +407,32 @@ class LlamaCppBackend(Backend):
         self._check_open()
         self._C.llama_memory_seq_rm(self._memory, slot, -1, -1)
 
+    def keep_prefix(self, slot: int, n: int) -> bool:
+        """Drop the slot's cells from position ``n`` on (``llama_memory_seq_rm``)."""
+        self._check_open()
+        if n <= 0:
+            self.release(slot)
+            return True
+        if not self._holds(slot, n):
+            return False
+        return bool(self._C.llama_memory_seq_rm(self._memory, slot, n, -1))
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """``dst`` gets ``src``'s cells 0..n-1 (``llama_memory_seq_cp``): in the unified cache the
+        cells are shared, not duplicated, and each sequence writes its own cells from ``n`` on."""
+        self._check_open()
+        if not self._holds(src, n):
+            return False
+        self.release(dst)
+        self._C.llama_memory_seq_cp(self._memory, src, dst, 0, n)
+        return True
+
+    def _holds(self, slot: int, n: int) -> bool:
+        """The slot has every position 0..n-1. A sliding-window cache that is not full-size
+        (``swa_full`` off) drops old positions; llama-server then recomputes, and so does this."""
+        C, mem = self._C, self._memory
+        return C.llama_memory_seq_pos_min(mem, slot) == 0 and C.llama_memory_seq_pos_max(mem, slot) >= n - 1
+
     def native_sampler(self, params: SamplingParams, seed: int) -> NativeSampler:
         self._check_open()
         return _ChainSampler(self, params, seed)

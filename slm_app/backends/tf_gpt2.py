@@ -386,6 +386,13 @@ class _GPT2Graph:
     def compiled_shapes(self) -> set[tuple]:
         return set(self._concrete)
 
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Every cell of slot ``src`` into slot ``dst``, bit for bit (cells past a request's own
+        positions are never read, so copying them too is harmless)."""
+        tf = self.tf
+        for var in (*self.keys, *self.values):
+            var.scatter_nd_update(tf.constant([[dst]]), tf.gather(var, [src]))
+
     def optimized_hlo(self, which: str, *args: Any, window: int | None = None) -> str:
         """XLA's optimised HLO of one compiled shape (tests read its input/output aliasing)."""
         key = (True, which, window, *(np.shape(a) for a in args))
@@ -399,6 +406,9 @@ def _smallest(n: int, ladder: Sequence[int]) -> int:
 
 class TFGPT2Backend(Backend):
     name = "tensorflow"
+    # Decode rows run other kernels than 32-token prefill blocks: their keys and values differ in the
+    # last bits, so the prompt cache reuses only what prefill wrote (a cached answer is a cold one, bit for bit).
+    decode_kv_reusable = False
 
     def __init__(self, model: Any, tokenizer: Any, resolved: ResolvedModel, config: EngineConfig):
         self._tf = configure_tensorflow_env()
@@ -588,8 +598,10 @@ class TFGPT2Backend(Backend):
         for row in rows:
             self._check(row)
         results: dict[int, tuple[Any, Any, int]] = {}
-        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1]
-        prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1]
+        # Prompt tokens always run as prefill blocks, even one: a prompt's last token gets the same
+        # arithmetic however the prompt was split (or how much of it the prompt cache served).
+        decode = [i for i, r in enumerate(rows) if len(r.tokens) == 1 and not r.prompt]
+        prefill = [i for i, r in enumerate(rows) if len(r.tokens) > 1 or r.prompt]
         for group, picks, logits in self._decode_calls([rows[i] for i in decode], 1):
             for j, k in enumerate(group):
                 results[decode[k]] = (picks, logits, j)
@@ -645,6 +657,21 @@ class TFGPT2Backend(Backend):
         for group, picks, _ in self._decode_calls(rows, steps):
             tokens[group] = picks.numpy()[:steps, :len(group)].T
         return tokens
+
+    def keep_prefix(self, slot: int, n: int) -> bool:
+        # Nothing to drop: the next request writes its cells from ``n`` on before any query reads them.
+        if not 0 <= slot < self._n_slots:
+            raise ValueError(f"slot {slot} does not exist")
+        return 0 <= n <= self._n_ctx
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        if self._graph is None:
+            raise BackendUnavailable("the TensorFlow backend was closed")
+        if not (0 <= src < self._n_slots and 0 <= dst < self._n_slots and 0 <= n <= self._n_ctx):
+            raise ValueError(f"cannot copy {n} cells from slot {src} to slot {dst}")
+        if src != dst:
+            self._graph.copy_slot(src, dst)
+        return True
 
     def release(self, slot: int) -> None:
         # Nothing to clear: a slot's next request overwrites its cells from position 0, and attention

@@ -155,5 +155,9 @@ class Engine(ABC):
         A local engine that loaded is always available."""
         return None
 
+    def prompt_cache(self) -> dict[str, Any] | None:
+        """The prompt cache's numbers (``slm_app.prefix_cache``), or None when this engine has none."""
+        return None
+
     @abstractmethod
     def close(self) -> None: ...

@@ -20,14 +20,14 @@ from slm_app.structured.constraint import TokenConstraintPlan
 class LocalEngine(Engine):
     """A backend in this process, driven by one scheduler. It is its own ``LogitsAccess``."""
 
-    def __init__(self, backend: Backend, queue_size: int):
+    def __init__(self, backend: Backend, queue_size: int, prompt_cache: bool = True):
         self.backend = backend
-        self.scheduler = Scheduler(backend, queue_size=queue_size)
+        self.scheduler = Scheduler(backend, queue_size=queue_size, prompt_cache=prompt_cache)
         self.capabilities = Capabilities(schema="token constraint", logits=self)
 
     @classmethod
     def load_from(cls, config: EngineConfig, queue_size: int) -> "LocalEngine":
-        return cls(load_backend(config), queue_size)
+        return cls(load_backend(config), queue_size, prompt_cache=config.prompt_cache)
 
     def info(self) -> ModelInfo:
         return self.backend.info()
@@ -53,6 +53,9 @@ class LocalEngine(Engine):
 
     def occupancy(self) -> Occupancy:
         return Occupancy(**self.scheduler.load())
+
+    def prompt_cache(self) -> dict[str, Any] | None:
+        return self.scheduler.cache_stats()
 
     def drain(self, timeout_s: float) -> bool:
         return self.scheduler.drain(timeout_s)

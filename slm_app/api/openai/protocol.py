@@ -153,10 +153,17 @@ class ModelList(BaseModel):
     data: list[ModelCard] = Field(description="The model this server loaded (its id, and the configured name)")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV came from the prompt cache instead of being "
+                                           "computed (docs/prompt-cache.md)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="Tokens in the prompt(s) as the model saw them")
     completion_tokens: int = Field(description="Tokens generated (every structured-output attempt included)")
     total_tokens: int = Field(description="The sum of both")
+    prompt_tokens_details: PromptTokensDetails | None = Field(
+        default=None, description="With plain generations: how many prompt tokens the prompt cache served")
 
 
 class CompletionChoice(BaseModel):

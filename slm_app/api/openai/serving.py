@@ -78,10 +78,14 @@ def _finish_reason(seq: Completion, params: SamplingParams) -> str:
     return "stop"
 
 
-def _usage(seqs: list[Completion]) -> dict[str, int]:
+def _usage(seqs: list[Completion]) -> dict[str, Any]:
     prompt = sum(s.prompt_tokens for s in seqs)
     completion = sum(s.completion_tokens for s in seqs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if seqs and all(s.cached_tokens is not None for s in seqs):  # counted by the local scheduler
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(s.cached_tokens or 0 for s in seqs)}
+    return usage
 
 
 @dataclasses.dataclass
