@@ -84,6 +84,8 @@ class LocalEngine(Engine):
     def __init__(self, backend: Backend, queue_size: int):
         self.backend = backend
         self.scheduler = Scheduler(backend, queue_size=queue_size)
+        # LoRA adapters (slm_app.finetune.serving.AdapterRouter), attached when the backend has them.
+        self.router: Any = None
 
     @classmethod
     def load_from(cls, config: EngineConfig, queue_size: int) -> "LocalEngine":
@@ -103,6 +105,9 @@ class LocalEngine(Engine):
 
     def submit(self, prompt: PreparedPrompt, params: SamplingParams, constraint: TokenConstraint | None = None,
                timeout_s: float | None = None, on_done: Callable[[Completion], None] | None = None) -> Generation:
+        if self.router is not None:  # requests for different adapters never decode together
+            return self.router.submit(params.adapter, lambda done: self.scheduler.submit(
+                prompt.ids, params, constraint, timeout_s=timeout_s, on_done=done), on_done)
         return self.scheduler.submit(prompt.ids, params, constraint, timeout_s=timeout_s, on_done=on_done)
 
     def llguidance_tokenizer(self) -> Any:

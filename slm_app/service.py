@@ -14,7 +14,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import Gauge
 
@@ -105,6 +105,10 @@ class GenerationService:
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
         self.draining = False
+        # Called with the engine once it has loaded (before requests see it), and for extra Health
+        # fields: how optional parts (slm_app.finetune) join without this module knowing them.
+        self.load_hooks: list[Callable[[Engine], None]] = []
+        self.health_hooks: list[Callable[[], dict[str, Any]]] = []
         self.memory_guard = memory.MemoryGuard(settings.memory_guard_mb, settings.memory_guard_percent)
         guard = self.memory_guard
         Gauge("slm_memory_guard_refusing", "1 while the memory guard refuses new requests",
@@ -127,6 +131,8 @@ class GenerationService:
                     on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
             else:
                 self.engine = LocalEngine.load_from(self.tier.engine_config(self.settings), self.settings.queue_size)
+            for hook in self.load_hooks:
+                hook(self.engine)
             self.status = "ok"
             self.metrics.model_loaded.set(0 if self.engine.unavailable_reason() else 1)
         except Exception as exc:  # any failure to load is reported on /health, not fatal
@@ -407,6 +413,7 @@ class GenerationService:
             "memory_guard": self.memory_guard.status(),
             "system_memory_mb": memory.system_memory_mb(),
             **self.metrics.summary(),
+            **{k: v for hook in self.health_hooks for k, v in hook().items()},
         }
 
 

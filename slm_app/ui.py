@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import pandas as pd
 
-from slm_app import ui_chat, ui_evaluate, ui_tools
+from slm_app import ui_chat, ui_evaluate, ui_finetune, ui_tools
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService, RequestError
 from slm_app.ui_controls import sampling_controls, structured_controls
@@ -198,6 +198,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                             api_visibility="private", queue=False)
 
         ui_evaluate.build_evaluate_tab(service)
+        ui_finetune.build_finetune_tab(service, _user_errors)
 
         with gr.Tab("Health & Memory"):
             with gr.Row():

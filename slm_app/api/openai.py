@@ -81,6 +81,7 @@ from slm_app.api.common import (api_router, error_responses, generation_steps, p
                                 public_error)
 from slm_app.service import TRANSCRIPT_STOP, GenerationService, RequestError
 from slm_app import tools
+from slm_app.finetune import manager as fine_tuning
 
 class _Anything(PathConvertor):
     """Starlette's ``path`` without its blind spot: its ``.*`` does not match a newline, so an id holding
@@ -506,7 +507,8 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
     def model_ids() -> list[str]:
         # The loaded model's own id, and the configured name it was loaded from (when they differ).
         engine = service.engine
-        return list(dict.fromkeys(([engine.info().model_id] if engine else []) + [service.tier.model]))
+        return list(dict.fromkeys(([engine.info().model_id] if engine else []) + [service.tier.model]
+                                  + fine_tuning.adapter_ids(service)))
 
     def model_card(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": int(service.metrics.started), "owned_by": "slm-space"}
@@ -521,10 +523,11 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
                  use_chat_template: bool, cap: int | None = None) -> SamplingParams:
         if body.n not in (None, 1):
             raise RequestError(f"n must be 1 (one choice per prompt), got {body.n}", param="n")
-        return service.sampling(max_tokens if max_tokens is not None else default_max,
-                                1.0 if body.temperature is None else body.temperature,
-                                1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
-                                use_chat_template=use_chat_template, cap=cap)
+        params = service.sampling(max_tokens if max_tokens is not None else default_max,
+                                  1.0 if body.temperature is None else body.temperature,
+                                  1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
+                                  use_chat_template=use_chat_template, cap=cap)
+        return fine_tuning.with_adapter(service, params, body.model)  # a fine-tuned model: its adapter
 
     def stops_of(body: _Sampling) -> list[str]:
         return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
