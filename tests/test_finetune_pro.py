@@ -169,6 +169,7 @@ def stream_forever(url: str, stop: threading.Event, results: list, errors: list)
             results.append(text)
         except Exception as exc:  # noqa: BLE001 - every failure is counted
             errors.append(repr(exc))
+        stop.wait(1.0)  # a steady trickle across the job, leaving the trainer some CPU on 2 cores
 
 
 def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, root):
@@ -204,7 +205,7 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
     adapter = job.fine_tuned_model
     assert adapter in [m.id for m in client.models.list().data]
     card = next(c for c in httpx.get(url + "v1/fine_tuning/adapters").json()["data"] if c["id"] == adapter)
-    assert card["status"] == "promoted" and card["base_sha256"] and card["data_manifest"]["counts"]["kept"] == 60
+    assert card["status"] == "promoted" and card["base_sha256"] and card["data_manifest"]["counts"]["input"] == 60
     before, after = card["metrics"]["before"], card["metrics"]["after"]
     # the held-out answers' log-likelihood rose for every item
     assert all(a > b for a, b in zip(after["answer_logliks"], before["answer_logliks"]))
@@ -228,6 +229,29 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
 
     r = httpx.post(url + f"v1/fine_tuning/adapters/{adapter}/promote", timeout=120)
     assert r.status_code == 200
+
+
+def test_in_flight_requests_finish_on_the_adapter_they_started_with(app):
+    """Drain semantics: a promotion returns at once; a running request ends on its adapter; the next
+    request gets the new one."""
+    url = app.url
+    adapter = httpx.get(url + "v1/fine_tuning/adapters").json()["promoted"]
+    assert adapter
+    httpx.post(url + "v1/fine_tuning/rollback", timeout=120).raise_for_status()
+    prompt = "Write a long story about the capital of Zorbania."
+    base_long = chat(url, prompt, max_tokens=64)
+    oa = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0)
+    stream = oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                        max_tokens=64, temperature=0, stream=True)
+    pieces = [next(iter(stream)).choices[0].delta.content or ""]  # it is running on the base model
+    t0 = time.perf_counter()
+    r = httpx.post(url + f"v1/fine_tuning/adapters/{adapter}/promote", timeout=120)
+    promote_s = time.perf_counter() - t0
+    assert r.status_code == 200
+    pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces).strip() == base_long  # finished on the adapter it started with
+    assert FACT in chat(url, HELD_OUT)  # the next request runs on the promoted adapter
+    assert promote_s < 30
 
 
 def test_promoted_adapter_survives_restart(app, root):

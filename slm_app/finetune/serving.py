@@ -44,6 +44,7 @@ class AdapterRouter:
         self._switching = False
         self._tickets = itertools.count()
         self._waiting: dict[int, str | None] = {}  # ticket -> the adapter it waits for
+        self._validated: set[str] = set()  # adapters that loaded once (the backend reloads evicted ones)
         self.switches = 0
         self.last_switch_ms: float | None = None
 
@@ -76,9 +77,13 @@ class AdapterRouter:
 
     # ---- admission -------------------------------------------------------------------------------
     def preload(self, adapter_id: str) -> None:
-        """Load an adapter into the model ahead of use (a load error surfaces here, not mid-request)."""
+        """Load an adapter into the model ahead of use (a load error surfaces here, not mid-request).
+        Once one has loaded, this returns at once: it waits for no running request."""
+        if adapter_id in self._validated:
+            return
         path = self._path_of(adapter_id)
         self._scheduler.call_exclusive(lambda b: b.load_adapter(adapter_id, path))
+        self._validated.add(adapter_id)
 
     def submit(self, requested: str | None, start: Callable[[Callable[[Completion], None]], Generation],
                on_done: Callable[[Completion], None] | None) -> Generation:
