@@ -5,7 +5,7 @@ Real training (torch + peft in the trainer subprocess, llama.cpp's converter, th
 ~60 feedback items teach a made-up fact asked in paraphrases; a held-out paraphrase then gives it;
 rollback gives the base model's greedy answer back exactly; streaming clients running across the
 promotion all complete; a poisoned set is refused by the gate; bad input is a clear 4xx that changes
-nothing. Kept small (3 epochs of ~48 short examples) so a job takes a few minutes on 2 cores.
+nothing. Kept small (2 epochs of ~45 short examples) so a job takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -141,6 +141,21 @@ def _other_base_adapter() -> bytes:
         return path.read_bytes()
 
 
+def test_finetune_tab_endpoints(app):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    gc = Client(app.url, verbose=False)
+    status = gc.predict(api_name="/finetune_status")
+    assert status["feedback"]["total"] >= 0 and "promoted" in status and isinstance(status["adapters"], list)
+    with pytest.raises(AppError, match="choose a training file"):
+        gc.predict("file", None, 1, 1.0, 4, "", api_name="/finetune_start")
+    with pytest.raises(AppError, match="no job is running"):
+        gc.predict(api_name="/finetune_cancel")
+    with pytest.raises(AppError, match="no adapter"):
+        gc.predict("ft:nothing", api_name="/finetune_promote")
+
+
 def test_remote_backend_refuses_jobs(tmp_path):
     with launch_app(Settings(backend="remote", remote_url="http://127.0.0.1:9/v1", data_dir=str(tmp_path),
                              finetune_auto=False), expect_loaded=False) as server:
@@ -181,8 +196,8 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
     stop, results, errors = threading.Event(), [], []
     streams = [threading.Thread(target=stream_forever, args=(url, stop, results, errors)) for _ in range(2)]
     job = client.fine_tuning.jobs.create(model=MODEL, training_file="feedback", suffix="zorbania",
-                                         hyperparameters={"n_epochs": 3, "batch_size": 8,
-                                                          "learning_rate_multiplier": 2})
+                                         hyperparameters={"n_epochs": 2, "batch_size": 8,
+                                                          "learning_rate_multiplier": 3})
     # one job at a time: a second one is a 409 naming the running one
     with pytest.raises(openai.ConflictError, match=job.id):
         client.fine_tuning.jobs.create(model=MODEL, training_file="feedback")

@@ -114,7 +114,7 @@ def run_process(cmd: list[str], env: dict[str, str], nice: int, cancel: threadin
     end of stderr)."""
     with log_file.open("ab") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, start_new_session=True,
-                                preexec_fn=(lambda: os.nice(nice)) if nice else None, text=True, bufsize=1)
+                                preexec_fn=lambda: _child_setup(nice), text=True, bufsize=1)
         watcher = threading.Thread(target=_kill_on_cancel, args=(proc, cancel), daemon=True, name="ft-cancel")
         watcher.start()
         assert proc.stdout is not None
@@ -128,6 +128,17 @@ def run_process(cmd: list[str], env: dict[str, str], nice: int, cancel: threadin
         tail = log_file.read_bytes()[-STDERR_TAIL:].decode("utf-8", "replace").strip().splitlines()
         raise StepFailed(f"{Path(cmd[2] if cmd[1] == '-m' else cmd[1]).name} exited with status {rc}: "
                          f"{tail[-1] if tail else 'no output'}")
+
+
+def _child_setup(nice: int) -> None:
+    """In the child, before exec: lower its priority, and (Linux) have it sent SIGTERM if the server
+    dies, so a trainer never outlives the app that started it."""
+    if nice:
+        os.nice(nice)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _kill_on_cancel(proc: subprocess.Popen, cancel: threading.Event) -> None:
