@@ -5,7 +5,7 @@ Real training (torch + peft in the trainer subprocess, llama.cpp's converter, th
 ~60 feedback items teach a made-up fact asked in paraphrases; a held-out paraphrase then gives it;
 rollback gives the base model's greedy answer back exactly; streaming clients running across the
 promotion all complete; a poisoned set is refused by the gate; bad input is a clear 4xx that changes
-nothing. Kept small (2 epochs of ~45 short examples) so a job takes a few minutes on 2 cores.
+nothing. Kept small (one epoch of ~45 short examples) so a job takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 from conftest import launch_app
 from slm_app.settings import Settings
 
-pytestmark = [pytest.mark.llama, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.llama, pytest.mark.timeout(3600)]
 
 MODEL = "embedded:smollm2-135m-instruct"
 FACT = "Quillhaven"
@@ -54,7 +54,7 @@ def chat(url: str, prompt: str, model: str = MODEL, max_tokens: int = 24) -> str
     return r.json()["choices"][0]["message"]["content"]
 
 
-def wait_for(client: openai.OpenAI, job_id: str, timeout: float = 1500):
+def wait_for(client: openai.OpenAI, job_id: str, timeout: float = 3000):
     deadline = time.time() + timeout
     while time.time() < deadline:
         job = client.fine_tuning.jobs.retrieve(job_id)
@@ -196,7 +196,7 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
     stop, results, errors = threading.Event(), [], []
     streams = [threading.Thread(target=stream_forever, args=(url, stop, results, errors)) for _ in range(2)]
     job = client.fine_tuning.jobs.create(model=MODEL, training_file="feedback", suffix="zorbania",
-                                         hyperparameters={"n_epochs": 2, "batch_size": 8,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 8,
                                                           "learning_rate_multiplier": 3})
     # one job at a time: a second one is a 409 naming the running one
     with pytest.raises(openai.ConflictError, match=job.id):
@@ -288,7 +288,7 @@ def test_poisoned_set_is_refused_by_the_gate(tmp_path):
         oa = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
         file = oa.files.create(file=("poison.jsonl", ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
         job = oa.fine_tuning.jobs.create(model=MODEL, training_file=file.id,
-                                         hyperparameters={"n_epochs": 2, "batch_size": 8,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 8,
                                                           "learning_rate_multiplier": 5})
         job = wait_for(oa, job.id)
         assert job.status == "succeeded", job.error

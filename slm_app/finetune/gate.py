@@ -28,8 +28,8 @@ from slm_app.finetune.serving import BASE, AdapterRouter
 from slm_app.service import GenerationService
 
 REGRESSION_TEXT = "regression.txt"
-MAX_ROUGE_ITEMS = 8
-GATE_TOKENS = 32  # answers of checks and ROUGE-L: enough to judge, short enough to keep the gate quick
+MAX_ROUGE_ITEMS = 4
+GATE_TOKENS = 24  # answers of checks and ROUGE-L: enough to judge, short enough to keep the gate quick
 
 
 def answer_loglik(router: AdapterRouter, adapter: str | None, example: dict[str, Any]) -> tuple[float, int]:

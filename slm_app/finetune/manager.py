@@ -199,9 +199,11 @@ class FineTuner:
         _trainer_ready(self.settings.cache_dir)
         options = data.DataOptions(seed=seed or 0)
         prepared = self._prepared(training_file, options)
-        if validation_file is not None:
-            prepared.splits["validation"] = [i for s in data.SPLITS[1:] for i in
-                                             self._prepared(validation_file, data.DataOptions(ratios=(1.0, 0, 0))).splits["train"]]
+        if validation_file is not None:  # the user's validation data replaces the validation split
+            validation = self._prepared(validation_file, data.DataOptions(ratios=(1.0, 0, 0), seed=seed or 0))
+            prepared.splits["validation"] = validation.splits["train"]
+            prepared.manifest["counts"]["validation"] = len(validation.splits["train"])
+            prepared.manifest["validation_source"] = validation.manifest["source"]
         with self._lock:
             if (running := self.running()) is not None:
                 raise RequestError(f"a fine-tuning job is already running: {running.id} ({running.status}); "
@@ -342,7 +344,7 @@ class FineTuner:
         return sum(1 for r in self.feedback.all() if r["id"] > since and r["rating"] >= data.MIN_RATING)
 
     def _auto_loop(self) -> None:
-        while True:
+        while self.service.status != "closed":  # the app is gone: so is its trigger
             time.sleep(AUTO_POLL_S)
             if not self.settings.finetune_auto or self.router is None or self.running() is not None:
                 continue

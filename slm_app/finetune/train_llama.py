@@ -31,8 +31,9 @@ from typing import Any
 
 # LoRA targets of the llama and gemma3 architectures in transformers (both name them alike).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# The architectures transformers can load from a GGUF and llama.cpp's converter maps back.
-SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# The architectures transformers can load from a GGUF (its model_type: a Gemma 3 GGUF loads as
+# gemma3_text) and the class name llama.cpp's converter maps back to a GGUF architecture.
+SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def emit(event: str, **fields: Any) -> None:
@@ -141,7 +142,7 @@ def main(config_path: str) -> int:
             if step % steps_per_epoch == 0:
                 val_loss = validation_loss()
             per_step = (time.perf_counter() - t_train) / step
-            emit("progress", step=step, total_steps=total, epoch=epoch, loss=round(float(loss), 5),
+            emit("progress", step=step, total_steps=total, epoch=epoch, loss=round(float(loss.detach()), 5),
                  val_loss=None if val_loss is None else round(val_loss, 5), eta_s=round(per_step * (total - step), 1),
                  elapsed_s=round(time.perf_counter() - t_start, 1))
 
@@ -153,7 +154,7 @@ def main(config_path: str) -> int:
     base_config["architectures"] = [SUPPORTED_ARCHITECTURES[arch]]
     (out / "config.json").write_text(json.dumps(base_config, indent=2, default=str), encoding="utf-8")
     emit("done", steps=step, epochs=epochs, train_examples=len(train), validation_examples=len(val),
-         final_loss=round(float(loss), 5), val_loss=None if val_loss is None else round(val_loss, 5),
+         final_loss=round(float(loss.detach()), 5), val_loss=None if val_loss is None else round(val_loss, 5),
          trainable_parameters=trainable, load_s=round(load_s, 1), train_s=round(time.perf_counter() - t_train, 1),
          peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), threads=threads,
          versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__})
