@@ -11,8 +11,8 @@ generations as ordinary requests that name the adapter.
 * **checks**: the behavioural checks (``slm_app/data/checks.jsonl``, ``slm_app.evaluate``'s judge);
 * **ROUGE-L**: greedy answers to the held-out prompts against their reference (corrected) answers.
 
-Promotion needs the new data's loss to fall and the regression perplexity to rise by at most
-``SLM_FINETUNE_MAX_REGRESSION`` (a fraction: 0.05 = 5 %). Checks and ROUGE-L are reported on the card.
+Promotion needs the new data's loss to fall by at least ``SLM_FINETUNE_MIN_IMPROVEMENT`` (0.1 = 10 %
+of its value) and the regression perplexity to rise by at most ``SLM_FINETUNE_MAX_REGRESSION`` (0.05). Checks and ROUGE-L are reported on the card.
 """
 
 from __future__ import annotations
@@ -98,15 +98,20 @@ def measure(service: GenerationService, router: AdapterRouter, adapter: str | No
     }
 
 
-def decide(before: dict[str, Any], after: dict[str, Any], max_regression: float) -> tuple[bool, list[str]]:
-    """(promote?, the reasons, each a sentence)."""
+def decide(before: dict[str, Any], after: dict[str, Any], max_regression: float,
+           min_improvement: float = 0.0) -> tuple[bool, list[str]]:
+    """(promote?, the reasons, each a sentence). The held-out loss must fall by at least
+    ``min_improvement`` of its value (SLM_FINETUNE_MIN_IMPROVEMENT)."""
     reasons = []
     ok = True
-    if after["new_data_nll"] < before["new_data_nll"]:
-        reasons.append(f"new-data loss improved: {before['new_data_nll']:.4f} -> {after['new_data_nll']:.4f}")
+    fall = 1 - after["new_data_nll"] / before["new_data_nll"] if before["new_data_nll"] > 0 else 0.0
+    if after["new_data_nll"] < before["new_data_nll"] and fall >= min_improvement:
+        reasons.append(f"new-data loss improved: {before['new_data_nll']:.4f} -> {after['new_data_nll']:.4f} "
+                       f"(-{fall:.1%}, at least -{min_improvement:.0%} needed)")
     else:
         ok = False
-        reasons.append(f"new-data loss did not improve: {before['new_data_nll']:.4f} -> {after['new_data_nll']:.4f}")
+        reasons.append(f"new-data loss did not improve enough: {before['new_data_nll']:.4f} -> "
+                       f"{after['new_data_nll']:.4f} ({-fall:+.1%}, at least -{min_improvement:.0%} needed)")
     limit = before["regression_ppl"] * (1 + max_regression)
     change = after["regression_ppl"] / before["regression_ppl"] - 1
     if after["regression_ppl"] <= limit:

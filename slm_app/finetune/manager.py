@@ -311,7 +311,8 @@ class FineTuner:
         before = gate.measure(self.service, router, router.promoted, splits[held_out], prepared.splits[held_out],
                               cancel.is_set)
         after = gate.measure(self.service, router, name, splits[held_out], prepared.splits[held_out], cancel.is_set)
-        passed, reasons = gate.decide(before, after, self.settings.finetune_max_regression)
+        passed, reasons = gate.decide(before, after, self.settings.finetune_max_regression,
+                                      self.settings.finetune_min_improvement)
         times["gate_s"] = time.perf_counter() - t0
         verdict = {"passed": passed, "reasons": reasons, "held_out_split": held_out,
                    "compared_with": router.promoted or BASE, "max_regression": self.settings.finetune_max_regression}
