@@ -197,7 +197,9 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
     streams = [threading.Thread(target=stream_forever, args=(url, stop, results, errors)) for _ in range(2)]
     job = client.fine_tuning.jobs.create(model=MODEL, training_file="feedback", suffix="zorbania",
                                          hyperparameters={"n_epochs": 1, "batch_size": 8,
-                                                          "learning_rate_multiplier": 3})
+                                                          # 3 learnt the fact (held-out loss 2.74 -> 0.006)
+                                                          # but raised the regression ppl 12 %: refused
+                                                          "learning_rate_multiplier": 1.5})
     # one job at a time: a second one is a 409 naming the running one
     with pytest.raises(openai.ConflictError, match=job.id):
         client.fine_tuning.jobs.create(model=MODEL, training_file="feedback")
