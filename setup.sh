@@ -4,16 +4,20 @@
 # Idempotent: a second run only checks. Fails loudly on the first error.
 #   ./setup.sh            the app
 #   ./setup.sh --tests    the app, the test tools and headless Chromium for the browser tests
+#                         (and the fine-tuning trainer: its tests train for real)
+#   ./setup.sh --finetune the app and the fine-tuning trainer (torch, peft, llama.cpp's LoRA converter)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 PRO=${SLM_SETUP_PRO:-1}
 TESTS=0
+FINETUNE=0
 for arg in "$@"; do
   case "$arg" in
-    --tests) TESTS=1 ;;
-    *) echo "setup: unknown option $arg (use --tests)" >&2; exit 2 ;;
+    --tests) TESTS=1; FINETUNE=1 ;;
+    --finetune) FINETUNE=1 ;;
+    *) echo "setup: unknown option $arg (use --tests or --finetune)" >&2; exit 2 ;;
   esac
 done
 step() { printf '\n==> %s\n' "$*"; }
@@ -57,6 +61,15 @@ if [ "$TESTS" = 1 ]; then
       sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
     fi
   fi
+fi
+
+if [ "$FINETUNE" = 1 ]; then
+  step "fine-tuning trainer (requirements-finetune.txt) and llama.cpp's LoRA converter"
+  # torch 2.13.0: where pip finds a CPU build (this kind of machine has one on disk) it takes that;
+  # elsewhere install the CPU build first (docs/fine-tuning.md), or PyPI's CUDA build (~3 GB) comes.
+  "${PIP[@]}" install --quiet -r requirements-finetune.txt
+  # convert_lora_to_gguf.py + gguf-py from the llama-cpp-python sdist on PyPI (the version the pro tier runs)
+  .venv/bin/python -m slm_app.finetune.convert --install
 fi
 
 step "offline models (built or unpacked once into the cache)"

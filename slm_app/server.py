@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse  # noqa: E402
 from starlette.routing import Mount  # noqa: E402
 from starlette.types import ASGIApp, Receive, Scope, Send  # noqa: E402
 
-from slm_app.api import feedback, rest  # noqa: E402
+from slm_app.api import feedback, fine_tuning, rest  # noqa: E402
 from slm_app.api.openai import routes as openai  # noqa: E402
 from slm_app.api.common import bearer_ok, rate_limit_for, rate_limited_message, truthful_openapi  # noqa: E402
 from slm_app.service import GenerationService  # noqa: E402
@@ -71,6 +71,7 @@ def build_app(settings: Settings | None = None, load_model: bool = True) -> Fast
     rest.register_routes(app, service)
     openai.register_routes(app, service)
     feedback.register_routes(app, service)
+    fine_tuning.register_routes(app, service)
     truthful_openapi(app)
     # SLM_PROTECT_UI: Gradio's own login for the page and its API (any user name, the key as password).
     auth = (lambda _user, password: hmac.compare_digest(password.encode(), settings.api_key.encode())

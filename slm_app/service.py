@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from prometheus_client import Gauge
 
@@ -95,6 +95,10 @@ class GenerationService:
         self.memory_fit = check_fit(self.tier, settings)  # raises MemoryDoesNotFit: refuse before loading
         self.memory_guard = memory.MemoryGuard(settings.memory_guard_mb, settings.memory_guard_percent,
                                                usable_mb=self.memory_fit.usable_mb)
+        # Called with the engine once it has loaded (before requests see it), and for extra Health
+        # fields: how optional parts (slm_app.finetune) join without this module knowing them.
+        self.load_hooks: list[Callable[[Engine], None]] = []
+        self.health_hooks: list[Callable[[], dict[str, Any]]] = []
         guard = self.memory_guard
         Gauge("slm_memory_guard_refusing", "1 while the memory guard refuses new requests",
               registry=self.metrics.registry).set_function(lambda: float(guard.refusal() is not None))
@@ -110,6 +114,8 @@ class GenerationService:
         try:
             self.engine = load_engine(self.settings, self.tier,
                                       on_availability=lambda up: self.metrics.model_loaded.set(int(up)))
+            for hook in self.load_hooks:
+                hook(self.engine)
             self.status = "ok"
             self.metrics.model_loaded.set(0 if self.engine.unavailable_reason() else 1)
         except Exception as exc:  # any failure to load is reported on /health, not fatal
@@ -386,6 +392,7 @@ class GenerationService:
             "memory_fit": self.memory_fit.to_dict(),
             "system_memory_mb": memory.system_memory_mb(),
             **self.metrics.summary(),
+            **{k: v for hook in self.health_hooks for k, v in hook().items()},
         }
 
 

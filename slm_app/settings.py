@@ -200,6 +200,17 @@ class Settings(BaseSettings):
     remote_retries: int = Field(default=2, ge=0, le=10)  # on connect errors only (nothing was sent yet)
     remote_health_interval_s: float = Field(default=5.0, gt=0)  # reachability probe (1 s while down)
 
+    # Fine-tuning (slm_app.finetune): LoRA jobs in a subprocess at low priority, gated promotion.
+    finetune_after: int = Field(default=50, ge=1)  # new qualifying feedback items that start a job by itself
+    finetune_auto: bool = True  # False: jobs start only when asked (API, Fine-tune tab)
+    finetune_max_regression: float = Field(default=0.05, ge=0)  # allowed rise of the regression perplexity
+    # Required relative fall of the held-out loss: a candidate that learnt nothing (a poisoned or noise
+    # set moves it ~2 %) is refused; a taught fact moves it by far more.
+    finetune_min_improvement: float = Field(default=0.1, ge=0, lt=1)
+    finetune_threads: int = Field(default=1, ge=1)  # trainer threads: the rest of the machine keeps serving
+    finetune_nice: int = Field(default=10, ge=0, le=19)  # the trainer's scheduling priority (nice)
+    finetune_max_file_bytes: int = Field(default=1_000_000, ge=1)  # an uploaded training file
+
     # Fake backend (tests): milliseconds each decode step takes.
     fake_step_ms: float = Field(default=0.0, ge=0)
 

@@ -20,11 +20,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("slm_app", "slm_app.errors", "slm_app.memory", "slm_app.presets"),
     ("slm_app.settings", "slm_app.memory_fit", "slm_app.metrics", "slm_app.sampling", "slm_app.backends",
      "slm_app.provisioning"),
-    ("slm_app.admission", "slm_app.prefix_cache", "slm_app.scheduler"),
+    ("slm_app.admission", "slm_app.prefix_cache", "slm_app.scheduler", "slm_app.finetune.serving"),
     ("slm_app.structured",),
     ("slm_app.engines",),
     ("slm_app.service",),
-    ("slm_app.conversation", "slm_app.tools", "slm_app.evaluate", "slm_app.feedback"),
+    ("slm_app.conversation", "slm_app.tools", "slm_app.evaluate", "slm_app.feedback", "slm_app.finetune"),
     ("slm_app.api", "slm_app.ui"),
     ("slm_app.server", "slm_app.prepare"),
 ]

@@ -33,6 +33,7 @@ import weakref
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -359,7 +360,8 @@ async def generation_steps(service: GenerationService, endpoint: str, prompts: S
     Errors (``RequestError`` for busy / not loaded / timed out before any token) are raised before
     the snapshot that shows them.
     """
-    generations = service.start_many(endpoint, prompts, params)
+    # In a thread: a request for another LoRA adapter than the one applied waits there for the switch.
+    generations = await run_in_threadpool(service.start_many, endpoint, prompts, params)
     latest = [g.snapshot() for g in generations]
     queue: asyncio.Queue[tuple[int, Completion]] = asyncio.Queue()
 

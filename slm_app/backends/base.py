@@ -47,6 +47,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     repeat_penalty: float = 1.0
     use_chat_template: bool = True  # only backends whose model has a template use it
+    adapter: str | None = None  # a LoRA adapter id, "base", or None: the promoted one (slm_app.finetune.serving)
 
     @property
     def greedy(self) -> bool:
@@ -252,8 +253,9 @@ class Backend(ABC):
 
     def cache_namespace(self, params: SamplingParams) -> str:
         """What else than the tokens the KV of a request depends on: cached KV is reused only within
-        one namespace. A backend with LoRA adapters returns the adapter's id; "base" without one."""
-        return "base"
+        one namespace. With LoRA adapters, the active adapter's id (the adapter router applies a
+        request's adapter before the scheduler admits it); "base" without one."""
+        return self.active_adapter() or "base"
 
     def native_sampler(self, params: SamplingParams, seed: int) -> NativeSampler | None:
         """A sampler in the backend's own code, or None to sample in numpy (``slm_app.sampling``)."""
@@ -264,6 +266,24 @@ class Backend(ABC):
         ``limits().max_sequence_tokens`` tokens (perplexity). Uses and then releases slot 0's cache:
         the scheduler runs it only when no slot is busy."""
         raise NotImplementedError(f"{type(self).__name__} cannot score text")
+
+    # ---- LoRA adapters (optional; scheduler thread only, with no slot busy) -----------------------
+    supports_adapters = False
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        """Load an adapter file beside the base weights (``ValueError`` saying why it does not fit)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load LoRA adapters")
+
+    def set_adapter(self, adapter_id: str | None) -> None:
+        """Apply a loaded adapter to every sequence from the next ``forward`` on (None: the base model)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load LoRA adapters")
+
+    def active_adapter(self) -> str | None:
+        return None
+
+    def end_of_turn_token(self) -> int | None:
+        """The token that ends an answer (end of turn, else end of text), for training examples."""
+        return None
 
     def close(self) -> None:
         """Free the model's memory."""

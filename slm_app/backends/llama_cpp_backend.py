@@ -44,6 +44,7 @@ from slm_app.backends.base import (
     SlotLimits,
     StepLogits,
 )
+from slm_app.backends.llama_lora import LoraAdapters
 from slm_app.provisioning.embedded import EmbeddedModel, EmbeddedModelMissing, GEMMA_TERMS, resolve_llama_model
 from slm_app.provisioning.gguf import GGUFError, GGUFSummary, validate_gguf
 from slm_app.provisioning.hub import ResolvedModel
@@ -142,6 +143,7 @@ class LlamaCppBackend(Backend):
 
         self._C = C
         self._model, self._ctx = model, ctx
+        self._lora: LoraAdapters | None = None  # created at the first adapter call
         self._resolved, self._embedded, self._summary = resolved, embedded, summary
         self._config = config
         self._n_threads = n_threads
@@ -479,9 +481,36 @@ class LlamaCppBackend(Backend):
             raise RuntimeError(f"llama_decode returned {rc} while scoring")
         return _Logits(self, list(range(k)))
 
+    # ------------------------------------------------------------------ LoRA adapters (llama_lora)
+
+    supports_adapters = True
+
+    def _adapters(self) -> LoraAdapters:
+        self._check_open()
+        if self._lora is None:
+            self._lora = LoraAdapters(self._C, self._model.model, self._ctx.ctx,
+                                      self._metadata.get("general.architecture"))
+        return self._lora
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        self._adapters().load(adapter_id, Path(path))
+
+    def set_adapter(self, adapter_id: str | None) -> None:
+        self._adapters().set(adapter_id)
+
+    def active_adapter(self) -> str | None:
+        return self._lora.active if self._lora is not None else None
+
+    def end_of_turn_token(self) -> int | None:
+        eot = self._C.llama_vocab_eot(self._vocab)
+        eos = self._C.llama_vocab_eos(self._vocab)
+        return eot if eot != -1 else (eos if eos != -1 else None)
+
     def close(self) -> None:
         if self._model is None:
             return
+        if self._lora is not None:
+            self._lora.close()  # before the model the adapters belong to
         self._C.llama_batch_free(self._batch)
         self._ctx.close()  # the context before its model
         self._model.close()

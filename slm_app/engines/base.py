@@ -155,6 +155,12 @@ class Engine(ABC):
         A local engine that loaded is always available."""
         return None
 
+    def use_adapters(self, make_router: Callable[[Any], Any]) -> Any | None:
+        """Serve LoRA adapters: put the router ``make_router(scheduler)`` builds in front of this
+        engine's admissions and return it; None when this engine cannot (no local weights, or a
+        backend without adapters). ``slm_app.finetune.serving.AdapterRouter`` is the router."""
+        return None
+
     def prompt_cache(self) -> dict[str, Any] | None:
         """The prompt cache's numbers (``slm_app.prefix_cache``), or None when this engine has none."""
         return None

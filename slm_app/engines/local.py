@@ -23,6 +23,8 @@ class LocalEngine(Engine):
     def __init__(self, backend: Backend, queue_size: int, prompt_cache: bool = True):
         self.backend = backend
         self.scheduler = Scheduler(backend, queue_size=queue_size, prompt_cache=prompt_cache)
+        # LoRA adapters (slm_app.finetune.serving.AdapterRouter), attached when the backend has them.
+        self.router: Any = None
         self.capabilities = Capabilities(schema="token constraint", logits=self)
 
     @classmethod
@@ -45,6 +47,9 @@ class LocalEngine(Engine):
 
     def submit(self, prompt: PreparedPrompt, params: SamplingParams, constraint: Any = None,
                timeout_s: float | None = None, on_done: Callable[[Completion], None] | None = None) -> Generation:
+        if self.router is not None:  # requests for different adapters never decode together
+            return self.router.submit(params.adapter, lambda done: self.scheduler.submit(
+                prompt.ids or [], params, constraint, timeout_s=timeout_s, on_done=done), on_done)
         return self.scheduler.submit(prompt.ids or [], params, constraint, timeout_s=timeout_s, on_done=on_done)
 
     def schema_plan(self, schema: dict, budget: int, steer: bool = True) -> TokenConstraintPlan:
@@ -53,6 +58,12 @@ class LocalEngine(Engine):
 
     def occupancy(self) -> Occupancy:
         return Occupancy(**self.scheduler.load())
+
+    def use_adapters(self, make_router: Callable[[Any], Any]) -> Any | None:
+        if not self.backend.supports_adapters:
+            return None
+        self.router = make_router(self.scheduler)
+        return self.router
 
     def prompt_cache(self) -> dict[str, Any] | None:
         return self.scheduler.cache_stats()

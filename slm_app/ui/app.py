@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from slm_app.ui import chat as ui_chat, evaluate as ui_evaluate, health as ui_health, tools as ui_tools
+from slm_app.ui import (chat as ui_chat, evaluate as ui_evaluate, finetune as ui_finetune, health as ui_health,
+                        tools as ui_tools)
 from slm_app.ui.json_output import json_text
 from slm_app.presets import PRESETS
 from slm_app.service import GenerationService
@@ -173,6 +174,7 @@ def build_ui(service: GenerationService) -> gr.Blocks:
                             api_visibility="private", queue=False)
 
         ui_evaluate.build_evaluate_tab(service)
+        ui_finetune.build_finetune_tab(service)
 
         health_outputs, health_reading = ui_health.build_health_tab(
             service, health, collect_garbage, lambda refresh: ui_chat.build_feedback_health(service, refresh))

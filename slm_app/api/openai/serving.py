@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 from fastapi.responses import Response, StreamingResponse
 
 from slm_app import conversation, tools
+from slm_app.finetune import manager as fine_tuning
 from slm_app.api.common import printable, prompt_list, public_error
 from slm_app.api.openai.protocol import ChatMessage, ChatRequest, CompletionRequest, _Sampling, error_body
 from slm_app.backends.base import SamplingParams
@@ -219,7 +220,8 @@ class OpenAIServing:
     def model_ids(self) -> list[str]:
         # The loaded model's own id, and the configured name it was loaded from (when they differ).
         engine = self.service.engine
-        return list(dict.fromkeys(([engine.info().model_id] if engine else []) + [self.service.tier.model]))
+        return list(dict.fromkeys(([engine.info().model_id] if engine else []) + [self.service.tier.model]
+                                  + fine_tuning.adapter_ids(self.service)))  # and the fine-tuned adapters
 
     def model_card(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": int(self.service.metrics.started),
@@ -235,10 +237,11 @@ class OpenAIServing:
                  use_chat_template: bool, cap: int | None = None) -> SamplingParams:
         if body.n not in (None, 1):
             raise RequestError(f"n must be 1 (one choice per prompt), got {body.n}", param="n")
-        return self.service.sampling(max_tokens if max_tokens is not None else default_max,
-                                     1.0 if body.temperature is None else body.temperature,
-                                     1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
-                                     use_chat_template=use_chat_template, cap=cap)
+        params = self.service.sampling(max_tokens if max_tokens is not None else default_max,
+                                       1.0 if body.temperature is None else body.temperature,
+                                       1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
+                                       use_chat_template=use_chat_template, cap=cap)
+        return fine_tuning.with_adapter(self.service, params, body.model)  # a fine-tuned model: its adapter
 
     @staticmethod
     def stops_of(body: _Sampling) -> list[str]:
