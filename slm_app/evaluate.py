@@ -190,10 +190,10 @@ def default_data(name: str) -> str:
     return resources.files("slm_app.data").joinpath(name).read_text(encoding="utf-8")
 
 
-def parse_jsonl(text: Any, what: str) -> list[dict[str, Any]]:
-    """JSON objects, one per non-blank line; errors name the line."""
+def parse_jsonl(text: Any, what: str, param: str = "data", max_items: int | None = MAX_ITEMS) -> list[dict[str, Any]]:
+    """JSON objects, one per non-blank line (``_line``: its number); errors name the line and ``param``."""
     if not isinstance(text, str) or not text.strip():
-        raise RequestError(f"{what}: no data: give JSONL, one JSON object per line", param="data")
+        raise RequestError(f"{what}: no data: give JSONL, one JSON object per line", param=param)
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -201,15 +201,15 @@ def parse_jsonl(text: Any, what: str) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise RequestError(f"{what}: line {number} is not valid JSON ({exc.msg})", param="data") from None
+            raise RequestError(f"{what}: line {number} is not valid JSON ({exc.msg})", param=param) from None
         if not isinstance(row, dict):
-            raise RequestError(f"{what}: line {number} must be a JSON object", param="data")
+            raise RequestError(f"{what}: line {number} must be a JSON object", param=param)
         row["_line"] = number
         rows.append(row)
     if not rows:
-        raise RequestError(f"{what}: no data: give JSONL, one JSON object per line", param="data")
-    if len(rows) > MAX_ITEMS:
-        raise RequestError(f"{what}: {len(rows)} items; at most {MAX_ITEMS} per run", status=413, param="data")
+        raise RequestError(f"{what}: no data: give JSONL, one JSON object per line", param=param)
+    if max_items is not None and len(rows) > max_items:
+        raise RequestError(f"{what}: {len(rows)} items; at most {max_items} per run", status=413, param=param)
     return rows
 
 

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from slm_app.evaluate import parse_jsonl
 from slm_app.errors import RequestError
 
 ROLES = ("system", "user", "assistant")
@@ -116,15 +117,10 @@ def parse_file(text: str, fmt: str = "auto") -> list[dict[str, Any]]:
     if fmt == "text":
         return [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RequestError(f"line {number} is not valid JSON ({exc.msg}): the file must be JSONL, one "
-                               f"{{\"messages\": [...]}} object per line", param="training_file") from None
-        if not isinstance(row, dict) or "messages" not in row:
+    for row in parse_jsonl(text, "training file (JSONL, one {\"messages\": [...]} object per line)",
+                           param="training_file", max_items=None):  # the file size caps it
+        number = row["_line"]
+        if "messages" not in row:
             raise RequestError(f"line {number} must be an object with \"messages\"", param="training_file")
         items.append({"messages": _check_messages(row["messages"], f"line {number}")})
     return items
