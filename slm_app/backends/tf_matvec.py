@@ -4,7 +4,7 @@
 Why: XLA's CPU dot gives a lone row (matrix-vector kernel) other bits than the same row among 2+
 rows, so exact batch invariance cost a dummy twin row and the slower 2-row kernel. These kernels
 compute every output the same way whatever the row count and read the weights once for all rows
-(numbers in ``tf_matvec.cc`` and the README).
+(numbers in ``tf_matvec.cc`` and docs/benchmarks.md).
 
 It is compiled on first use with the machine's C++ compiler against TensorFlow's own headers (the
 wheel ships them; ~10 s, once) into the cache directory, keyed by the source, TensorFlow's version

@@ -110,7 +110,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
                       SMOLLM2_LICENSE, smollm2_gguf),
     )
 }
-# The pro tier's offline model, chosen by measurement (README, "Models"): on the same 63 real-world
+# The pro tier's offline model, chosen by measurement (docs/models.md): on the same 63 real-world
 # schemas both gave valid JSON for 60, both answered 6 of 8 factual questions and 4 of 4 presets;
 # SmolLM2 is an instruct model with a chat template, ~2.4x faster and ~170 MB lighter.
 DEFAULT_EMBEDDED = "smollm2-135m-instruct"
