@@ -191,7 +191,7 @@ def test_banner_shows_free_tier_and_random_weights_warning(page) -> None:
     expect(warning).to_be_visible()
     expect(warning).to_contain_text("meaningless")
     expect(page.get_by_role("tab")).to_have_text(
-        ["Generate", "Chat", "Batch", "Structured JSON", "Evaluate", "Health & Memory"])
+        ["Generate", "Chat", "Batch", "Structured JSON", "Evaluate", "Fine-tune", "Health & Memory"])
 
 
 def test_generate_streams_text_into_the_output(page, screenshots) -> None:

@@ -72,7 +72,7 @@ def send(tab, text: str) -> None:
 
 def test_tabs_include_chat_and_evaluate(page) -> None:
     expect(page.get_by_role("tab")).to_have_text(
-        ["Generate", "Chat", "Batch", "Structured JSON", "Evaluate", "Health & Memory"])
+        ["Generate", "Chat", "Batch", "Structured JSON", "Evaluate", "Fine-tune", "Health & Memory"])
 
 
 def test_chat_two_turns_then_like_with_rating_and_correction(page, store, screenshots) -> None:

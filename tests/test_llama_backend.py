@@ -57,8 +57,13 @@ def offline():
 @pytest.fixture(scope="module")
 def scheduler(offline) -> Scheduler:
     """Gemma under a scheduler, as the app runs it. Tests that call the backend directly do so while
-    no request runs: the scheduler's thread touches the model only when it has work."""
-    s = Scheduler(LlamaCppBackend.load(config("embedded:gemma-3-270m")))
+    no request runs: the scheduler's thread touches the model only when it has work.
+
+    Without the prompt cache: these tests check a cold request against bare llama.cpp (the same seed,
+    the same text; a finished request frees its cells; ``score`` on an empty cache). A cached prefix
+    on llama.cpp may change the last bits of the logits, as with llama-server's ``cache_prompt``
+    (docs/prompt-cache.md, "Exactness"); tests/test_prompt_cache.py tests the cache."""
+    s = Scheduler(LlamaCppBackend.load(config("embedded:gemma-3-270m")), prompt_cache=False)
     yield s
     s.close()
 
@@ -70,7 +75,7 @@ def gemma(scheduler) -> LlamaCppBackend:
 
 @pytest.fixture(scope="module")
 def smollm2_scheduler(offline) -> Scheduler:
-    s = Scheduler(LlamaCppBackend.load(config("embedded:smollm2-135m-instruct")))
+    s = Scheduler(LlamaCppBackend.load(config("embedded:smollm2-135m-instruct")), prompt_cache=False)  # as above
     yield s
     s.close()
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from slm_app import evaluate
+from slm_app import conversation, evaluate
+from slm_app.errors import raise_failure
 from slm_app.finetune.serving import BASE, AdapterRouter
 from slm_app.service import GenerationService
 
@@ -48,11 +49,15 @@ def regression_ppl(service: GenerationService, router: AdapterRouter, adapter: s
     return float(math.exp(-float(np.mean(logprobs))))
 
 
-def _generate(service: GenerationService, adapter: str | None, prompt: str, templated: bool) -> str:
+def _generate(service: GenerationService, adapter: str | None, prompt: str | conversation.Rendered) -> str:
+    """Greedy output under ``adapter``: of a raw prompt (formatted as a Generate prompt is), or of a
+    rendered conversation (with the stop strings its rendering needs)."""
     params = dataclasses.replace(service.sampling(GATE_TOKENS, 0.0, 1.0, seed=0), adapter=adapter or BASE)
-    prepared = service.check_prompt(prompt, params.use_chat_template, templated=templated)
+    if isinstance(prompt, conversation.Rendered):
+        params, prompt = prompt.with_stops(params), prompt.prompt
+    prepared = service.check_prompt(prompt, params.use_chat_template)
     final = service.start("finetune_gate", prepared, params).result()
-    service.raise_failure(final)
+    raise_failure(final)
     return final.text.strip()
 
 
@@ -74,7 +79,7 @@ def measure(service: GenerationService, router: AdapterRouter, adapter: str | No
     for check in evaluate.parse_checks(evaluate.default_data(evaluate.DEFAULT_CHECKS)):
         if stop():
             raise InterruptedError("cancelled")
-        output = _generate(service, adapter, check.prompt, templated=False)
+        output = _generate(service, adapter, check.prompt)
         checks.append({"name": check.name, "passed": all(ok for _, ok, _ in evaluate.judge(output, check.expect))})
     rouge = []
     for chat in list(chats)[:MAX_ROUGE_ITEMS]:
@@ -82,8 +87,7 @@ def measure(service: GenerationService, router: AdapterRouter, adapter: str | No
             raise InterruptedError("cancelled")
         if "messages" not in chat:
             continue
-        prompt, templated = service.render_conversation(chat["messages"][:-1])
-        output = _generate(service, adapter, prompt, templated=templated)
+        output = _generate(service, adapter, conversation.render(service, chat["messages"][:-1]))
         rouge.append(evaluate.rouge_l(chat["messages"][-1]["content"], output)["f1"])
     return {
         "new_data_nll": round(nll, 5),

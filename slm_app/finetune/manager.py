@@ -22,6 +22,7 @@ from typing import Any
 
 from slm_app.backends.base import SamplingParams
 from slm_app.engines.base import Engine
+from slm_app import conversation
 from slm_app.evaluate import bos_token
 from slm_app.feedback import store_for
 from slm_app.finetune import convert, data, gate
@@ -419,9 +420,10 @@ def _tokenized(service: GenerationService, engine: Engine, items: list[dict[str,
         if "text" in item:  # learnt as a whole: the loss from the first token that has a predecessor
             prompt_ids, answer = [bos] if bos is not None else [], item["text"]
         else:
-            prompt, templated = service.render_conversation(item["messages"][:-1])
-            prompt_ids = engine.tokenize(prompt)
-            answer = item["messages"][-1]["content"] if templated else " " + item["messages"][-1]["content"]
+            rendered = conversation.render(service, item["messages"][:-1])
+            prompt_ids = engine.tokenize(rendered.prompt.text)
+            answer = item["messages"][-1]["content"]
+            answer = answer if rendered.templated else " " + answer  # a transcript's "Assistant:" wants a space
         answer_ids = engine.tokenize(answer)
         if bos is not None and answer_ids[:1] == [bos]:
             answer_ids = answer_ids[1:]
