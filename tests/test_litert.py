@@ -145,7 +145,7 @@ def test_free_tier_process_serves_on_litert_without_tensorflow(free_app_process)
     assert batch.status_code == 200 and len(batch.json()["results"]) == 1
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"}},
               "required": ["name", "ok"], "additionalProperties": False}
-    out = client.predict("Describe it.", json.dumps(schema), 64, 0.7, 0, api_name="/structured")
+    out = json.loads(client.predict("Describe it.", json.dumps(schema), 64, 0.7, 0, api_name="/structured"))
     assert out["success"] is True and set(out["data"]) == {"name", "ok"} and isinstance(out["data"]["ok"], bool)
     reply = client.predict("hello", "", 8, 0, 1.0, 0, api_name="/chat")
     assert reply is not None
