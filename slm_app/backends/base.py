@@ -125,6 +125,20 @@ class Row:
     prompt: bool = False  # prompt tokens (prefill), however few: a backend may compute them another way
 
 
+def check_row(row: Row, n_slots: int, n_ctx: int, vocab_width: int) -> None:
+    """Refuse a row the model cannot run (``ValueError`` naming the slot): a slot that does not exist,
+    no tokens, positions past the slot's cells, a token id outside the vocabulary."""
+    if not 0 <= row.slot < n_slots:
+        raise ValueError(f"slot {row.slot} does not exist (this model has {n_slots})")
+    if not row.tokens:
+        raise ValueError(f"slot {row.slot}: a row needs at least one token")
+    if row.pos < 0 or row.pos + len(row.tokens) > n_ctx:
+        raise ValueError(f"slot {row.slot}: positions {row.pos}..{row.pos + len(row.tokens) - 1} do not fit "
+                         f"its {n_ctx} cells")
+    if any(not 0 <= t < vocab_width for t in row.tokens):
+        raise ValueError(f"slot {row.slot}: token id outside the vocabulary (0..{vocab_width - 1})")
+
+
 class StepLogits(ABC):
     """What ``forward`` returns: the logits of the rows that asked, in their order."""
 

@@ -26,7 +26,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from slm_app.backends.base import ArrayLogits, Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
+from slm_app.backends.base import (
+    ArrayLogits, Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits, check_row,
+)
 from slm_app.backends.gpt2_vocab import token_byte_table
 from slm_app.provisioning.litert import LiteRTMeta, convert_in_subprocess, model_dir, read_meta
 from slm_app.settings import EngineConfig
@@ -218,15 +220,7 @@ class LiteRTGPT2Backend(Backend):
     def _check(self, row: Row) -> None:
         if self._interpreter is None:
             raise BackendUnavailable("the LiteRT backend was closed")
-        if not 0 <= row.slot < self._n_slots:
-            raise ValueError(f"slot {row.slot} does not exist (this model has {self._n_slots})")
-        if not row.tokens:
-            raise ValueError(f"slot {row.slot}: a row needs at least one token")
-        if row.pos < 0 or row.pos + len(row.tokens) > self._n_ctx:
-            raise ValueError(f"slot {row.slot}: positions {row.pos}..{row.pos + len(row.tokens) - 1} do not fit "
-                             f"its {self._n_ctx} cells")
-        if any(not 0 <= t < self._vocab_width for t in row.tokens):
-            raise ValueError(f"slot {row.slot}: token id outside the vocabulary (0..{self._vocab_width - 1})")
+        check_row(row, self._n_slots, self._n_ctx, self._vocab_width)
 
     def _slot_cache(self, slot: int) -> np.ndarray:
         cache = self._cache[slot]

@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from slm_app.backends import tf_matvec
-from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits
+from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits, check_row
 from slm_app.backends.gpt2_vocab import gpt2_tokenizer, token_byte_table
 from slm_app.provisioning.hub import ResolvedModel, resolve_hf_model
 from slm_app.provisioning.tiny_gpt2 import (RANDOM_WEIGHTS_KEY, TINY_GPT2_ID, build_offline_tiny_gpt2,
@@ -579,15 +579,7 @@ class TFGPT2Backend(Backend):
 
     # ---- the model -------------------------------------------------------------------------
     def _check(self, row: Row) -> None:
-        if not 0 <= row.slot < self._n_slots:
-            raise ValueError(f"slot {row.slot} does not exist (this model has {self._n_slots})")
-        if not row.tokens:
-            raise ValueError(f"slot {row.slot}: a row needs at least one token")
-        if row.pos < 0 or row.pos + len(row.tokens) > self._n_ctx:
-            raise ValueError(f"slot {row.slot}: positions {row.pos}..{row.pos + len(row.tokens) - 1} do not fit "
-                             f"its {self._n_ctx} cells")
-        if any(not 0 <= t < self._vocab_width for t in row.tokens):
-            raise ValueError(f"slot {row.slot}: token id outside the vocabulary (0..{self._vocab_width - 1})")
+        check_row(row, self._n_slots, self._n_ctx, self._vocab_width)
 
     def forward(self, rows: Sequence[Row]) -> StepLogits:
         g = self._graph
