@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 # Offline hygiene for every app the tests start in-process (same as app.py).
@@ -33,6 +40,63 @@ def launch_app(settings: Settings, *, expect_loaded: bool = True, timeout: float
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class AppProcess:
+    url: str
+    proc: subprocess.Popen
+
+    def mapped_files(self) -> set[str]:
+        """Every file mapped into the process: a Python package's shared libraries appear here once imported."""
+        lines = Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines()
+        return {line.split()[-1] for line in lines if len(line.split()) >= 6}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextmanager
+def launch_app_process(env: dict[str, str | None], log_dir: Path, *, timeout: float = 600) -> Iterator[AppProcess]:
+    """``python app.py`` in its own process, as the README runs it, configured by ``SLM_*`` variables
+    (``None`` unsets one): for checks on the serving process itself (what it loads, its memory), which
+    pytest's process would blur."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}
+    for name, value in env.items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    log_path = Path(log_dir) / "app.log"
+    root = Path(__file__).resolve().parent.parent
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        app = AppProcess(f"http://127.0.0.1:{port}/", proc)
+        url = app.url
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "the app did not become ready: " + log_path.read_text()[-3000:]
+                try:
+                    health = httpx.get(url + "health", timeout=5)
+                    if health.status_code == 200 and health.json().get("model_loaded", True):
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            yield app
+        finally:
+            app.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 
-from conftest import launch_app
+from conftest import launch_app, launch_app_process
 from slm_app.settings import Settings
 
 pytestmark = [pytest.mark.llama, pytest.mark.timeout(3600)]
@@ -69,9 +68,18 @@ def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("finetune")
 
 
+def process_env(root: Path) -> dict[str, str]:
+    """The same configuration as ``settings``, for ``app.py`` in its own process."""
+    return {"SLM_TIER": "pro", "SLM_MODEL": MODEL, "SLM_CACHE_DIR": str(Path.home() / ".cache" / "slm_app"),
+            "SLM_DATA_DIR": str(root / "data"), "SLM_N_CTX": "1024", "SLM_PARALLEL": "2",
+            "SLM_FINETUNE_AUTO": "false", "SLM_FINETUNE_THREADS": "2", "SLM_BACKEND": None}
+
+
 @pytest.fixture(scope="module")
 def app(root):
-    with launch_app(settings(root)) as server:
+    """The app as the README runs it, in its own process: the check that serving never imports torch is
+    about that process (pytest's own may have imported torch through transformers in other tests)."""
+    with launch_app_process(process_env(root), root) as server:
         yield server
 
 
@@ -80,7 +88,7 @@ def client(app) -> openai.OpenAI:
     return openai.OpenAI(base_url=app.url + "v1", api_key="none", max_retries=0)
 
 
-def test_bad_input_is_refused_and_changes_nothing(app, client, tmp_path):
+def test_bad_input_is_refused_and_changes_nothing(app, client, root, tmp_path):
     before = httpx.get(app.url + "v1/fine_tuning/adapters").json()
     # empty set: nothing in the feedback store yet
     with pytest.raises(openai.BadRequestError, match="no training data"):
@@ -107,7 +115,7 @@ def test_bad_input_is_refused_and_changes_nothing(app, client, tmp_path):
     with pytest.raises(openai.BadRequestError, match="n_epochs"):
         client.fine_tuning.jobs.create(model=MODEL, training_file=good.id, hyperparameters={"n_epochs": 0})
     # an adapter for another base (other tensor shapes) and a corrupt one: refused at load, serving goes on
-    adapters = Path(app.service.settings.data_path) / "finetune" / "adapters"
+    adapters = root / "data" / "finetune" / "adapters"
     for job_id, content in (("ftjob-corrupt", b"GGUF" + b"\x00" * 64), ("ftjob-otherbase", _other_base_adapter())):
         (adapters / job_id).mkdir(parents=True)
         (adapters / job_id / "adapter.gguf").write_bytes(content)
@@ -242,7 +250,8 @@ def test_feedback_teaches_a_fact_gate_promotes_rollback_restores(app, client, ro
     for t in threads:
         t.join()
     assert all(FACT in a for a in answers[adapter]) and answers[MODEL] == [base_answer, base_answer]
-    assert "torch" not in sys.modules  # the serving process never imported torch
+    # the serving process never loaded torch: training ran in the trainer's own process
+    assert not [f for f in app.mapped_files() if "/torch/" in f or "libtorch" in f]
 
     r = httpx.post(url + f"v1/fine_tuning/adapters/{adapter}/promote", timeout=120)
     assert r.status_code == 200
@@ -275,7 +284,7 @@ def test_promoted_adapter_survives_restart(app, root):
     adapter = httpx.get(app.url + "v1/fine_tuning/adapters").json()["promoted"]
     assert adapter
     app.stop()
-    with launch_app(settings(root)) as again:
+    with launch_app_process(process_env(root), root) as again:
         assert httpx.get(again.url + "health").json()["finetune"]["active_adapter"] == adapter
         assert FACT in chat(again.url, HELD_OUT)
 

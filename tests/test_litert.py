@@ -9,7 +9,6 @@ attending to them, LiteRT only once they are cached). Greedy tokens must be equa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from gradio_client import Client
 
+from conftest import AppProcess, launch_app_process
 from slm_app.backends import load_backend
 from slm_app.backends.base import Backend, Row
 from slm_app.provisioning.tiny_gpt2 import build_random_gpt2
@@ -90,50 +90,17 @@ def test_litert_without_a_conversion_or_tensorflow_says_how_to_convert(tmp_path:
 
 
 # ---- the free-tier app as the README runs it ----------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def free_app_process(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
+def free_app_process(tmp_path_factory) -> Iterator[AppProcess]:
     """``.venv/bin/python app.py`` with SLM_TIER=free, in its own process (the default LiteRT backend)."""
-    port = _free_port()
     cache = tmp_path_factory.mktemp("free-cache")
-    env = {**os.environ, "SLM_TIER": "free", "SLM_CACHE_DIR": str(cache), "GRADIO_SERVER_PORT": str(port)}
-    env.pop("SLM_BACKEND", None)
-    log = open(cache / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (cache / "app.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("the free-tier app did not become ready: " + (cache / "app.log").read_text()[-3000:])
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
-
-
-def _mapped_files(pid: int) -> set[str]:
-    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return {line.split()[-1] for line in lines if len(line.split()) >= 6}
+    env = {"SLM_TIER": "free", "SLM_CACHE_DIR": str(cache), "SLM_BACKEND": None}
+    with launch_app_process(env, cache, timeout=300) as app:
+        yield app
 
 
 def test_free_tier_process_serves_on_litert_without_tensorflow(free_app_process) -> None:
-    url, proc = free_app_process
+    url = free_app_process.url
     health = httpx.get(url + "health", timeout=30).json()
     assert health["tier"] == "free" and health["backend"] == "litert"
     assert health["model_info"]["backend"] == "litert" and health["model_info"]["weights"] == "float16"
@@ -154,7 +121,7 @@ def test_free_tier_process_serves_on_litert_without_tensorflow(free_app_process)
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] is not None
     # No TensorFlow: none of its files is mapped into the serving process (its Python modules load
     # its shared libraries on import), and the process is small.
-    mapped = _mapped_files(proc.pid)
+    mapped = free_app_process.mapped_files()
     assert not [f for f in mapped if "/tensorflow/" in f or "/tf_keras/" in f], "TensorFlow is loaded"
     assert any("ai_edge_litert" in f for f in mapped), "LiteRT is not loaded"
     assert httpx.get(url + "health", timeout=30).json()["rss_mb"] < 400
