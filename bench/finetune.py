@@ -1,25 +1,30 @@
-"""The learning loop's costs on the pro tier (embedded SmolLM2-135M-Instruct), in one run of the app:
+"""The learning loop's costs on the pro tier (embedded SmolLM2-135M-Instruct), driven as users drive it:
+``python app.py`` in its own process, feedback over HTTP, jobs and load through the ``openai`` SDK.
 
-    .venv/bin/python bench/finetune.py [--items 100] [--epochs 1] [--threads 1] [--clients 2] [--swaps 10]
+    nice .venv/bin/python bench/finetune.py [--items 100] [--epochs 1] [--threads 1] [--clients 2]
+                                            [--repeats 3] [--window-s 10] [--swaps 12]
 
-1. ``--items`` feedback items (a made-up fact in paraphrases) go in over HTTP.
-2. **Idle serving**: ``--clients`` streaming clients send greedy 32-token chat requests for
-   ``--phase-s`` seconds; aggregate tok/s and p95 latency.
-3. **Serving during training**: a job starts (``--epochs``, ``SLM_FINETUNE_THREADS=--threads``, nice 10)
-   and the same load runs while its trainer is between its first and last step.
-4. The trainer's own figures: training seconds per 100 items per epoch, peak RSS, the adapter's size.
-5. **Swaps**: ``--swaps`` promote/rollback cycles while the clients stream; each switch's pause
-   (the router's exclusive call: drain wait excluded, adapter set + graph re-reserve on the next step
-   included) and the failed requests across them.
+Per repeat, two jobs on the same ``--items`` feedback items (a made-up fact asked in paraphrases):
 
-Ratios (during training ÷ idle) come from the same run; the machine is shared, so repeat and compare
-medians. Prints a Markdown table.
+1. **Training alone** (no client load): the trainer's own figures, training seconds per 100 items per
+   epoch, peak RSS, load + dequantize, and the adapter's size.
+2. **Serving during training**: ``--clients`` streaming clients send greedy 32-token chat requests
+   without pause while a second job trains. The windows alternate: the trainer runs, then it is
+   stopped (SIGSTOP) for the idle baseline, then it runs again... so each "during training ÷ idle"
+   ratio compares two neighbouring windows of the same minute on a shared machine. Training time
+   under this load excludes the stopped windows.
+
+Then **swaps**: ``--swaps`` promote/rollback calls while the clients stream. Per swap: the server's
+switch (its router's exclusive call, from ``/health``), and what clients see: the longest gap in the
+merged token stream in the 2 s after the call ÷ the same in the 2 s before it (no swap), and the failed
+requests. Prints Markdown tables (medians over windows and repeats) with ``uptime`` before and after.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -29,12 +34,9 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-from slm_app.server import build_app, serve_in_thread  # noqa: E402
-from slm_app.settings import Settings  # noqa: E402
+from concurrency import REPO, ServerProcess, free_port, percentile  # noqa: E402  (bench/ is sys.path[0])
 
 MODEL = "embedded:smollm2-135m-instruct"
 QUESTIONS = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?",
@@ -44,130 +46,280 @@ QUESTIONS = ["What is the capital of Zorbania?", "Which city is the capital of Z
              "What's Zorbania's capital called?", "Can you tell me Zorbania's capital?"]
 OPENERS = ["", "Quick question: ", "Please answer: ", "I wonder, ", "Hello! ", "Hi there, ", "Tell me, ",
            "One thing: ", "Curious: ", "Hey, "]
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def load_phase(url: str, clients: int, seconds: float, stop_when=None) -> dict:
-    """Streaming clients for ``seconds`` (or until ``stop_when()``): tok/s, p95 latency, failures."""
-    oa = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0)
-    latencies, tokens, failures = [], [0], [0]
-    end = time.perf_counter() + seconds
-    lock = threading.Lock()
+class Load:
+    """``clients`` streaming clients without pause; every chunk's arrival time and every request's
+    latency, tagged with the window it finished in."""
 
-    def client() -> None:
-        while time.perf_counter() < end and not (stop_when and stop_when()):
+    def __init__(self, url: str, clients: int):
+        self.oa = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0, timeout=120)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.window = "warm-up"
+        self.requests: list[tuple[str, float, int]] = []  # (window, latency s, completion tokens)
+        self.failures: list[tuple[str, str]] = []
+        self.chunks: list[float] = []  # perf_counter of every content chunk, all clients
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def _client(self) -> None:
+        while not self.stop.is_set():
             t0 = time.perf_counter()
             try:
                 n = 0
-                for chunk in oa.chat.completions.create(model=MODEL, max_tokens=32, temperature=0, stream=True,
-                                                        messages=[{"role": "user", "content": "Describe a river."}],
-                                                        stream_options={"include_usage": True}):
+                for chunk in self.oa.chat.completions.create(
+                        model=MODEL, max_tokens=32, temperature=0, stream=True,
+                        messages=[{"role": "user", "content": "Describe a river."}],
+                        stream_options={"include_usage": True}):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        with self.lock:
+                            self.chunks.append(time.perf_counter())
                     if chunk.usage:
                         n = chunk.usage.completion_tokens
-                with lock:
-                    latencies.append(time.perf_counter() - t0)
-                    tokens[0] += n
-            except Exception:  # noqa: BLE001 - counted
-                with lock:
-                    failures[0] += 1
+                with self.lock:
+                    self.requests.append((self.window, time.perf_counter() - t0, n))
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                with self.lock:
+                    self.failures.append((self.window, repr(exc)[:200]))
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    lat = sorted(latencies)
-    return {"tok_s": tokens[0] / elapsed, "p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else float("nan"),
-            "requests": len(lat), "failures": failures[0]}
+    def measure(self, name: str, seconds: float, until=None) -> dict:
+        """Tag requests finishing in the next ``seconds`` (or until ``until()``) as window ``name``."""
+        with self.lock:
+            self.window = name
+            done0 = len(self.requests)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds and not (until and until()):
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - t0
+        with self.lock:
+            self.window = "between"
+            rows = [r for r in self.requests[done0:] if r[0] == name]
+            failed = sum(1 for w, _ in self.failures if w == name)
+        lat = [r[1] for r in rows]
+        return {"tok_s": sum(r[2] for r in rows) / elapsed, "p95_s": percentile(lat, 95) if lat else float("nan"),
+                "requests": len(rows), "failures": failed, "s": elapsed}
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time without any token between ``start`` and ``end`` (merged over clients)."""
+        with self.lock:
+            times = sorted([start] + [t for t in self.chunks if start <= t <= end] + [end])
+        return max(b - a for a, b in zip(times, times[1:]))
+
+
+def job_status(url: str, job_id: str) -> dict:
+    return httpx.get(url + f"v1/fine_tuning/jobs/{job_id}", timeout=60).json()
+
+
+def trainer_process(app: ServerProcess, timeout: float = 120) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(app.proc.pid).children(recursive=True):
+            try:
+                if "slm_app.finetune.train_llama" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        time.sleep(0.2)
+    raise RuntimeError("no trainer process appeared")
+
+
+def wait_job(url: str, job_id: str, timeout: float = 7200) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = job_status(url, job_id)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(1)
+    raise RuntimeError(f"job {job_id} not finished after {timeout} s")
+
+
+def trainer_figures(url: str, job: dict, epochs: int, paused_s: float = 0.0) -> dict:
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job['id']} {job['status']}: {job['error']}")
+    card = next(c for c in httpx.get(url + "v1/fine_tuning/adapters", timeout=60).json()["data"]
+                if c["id"] == job["fine_tuned_model"])
+    t = card["trainer"]
+    kept = card["data_manifest"]["counts"]["train"]
+    return {"per_100_min": (t["train_s"] - paused_s) / kept / epochs * 100 / 60, "load_s": t["load_s"],
+            "rss_mb": t["peak_rss_mb"], "adapter_mb": card["size_bytes"] / 2**20, "kept": kept,
+            "steps": t["steps"], "gate": (card.get("gate") or {}).get("passed"), "adapter": card["id"],
+            "convert_s": card["times"].get("convert_s"), "gate_s": card["times"].get("gate_s")}
+
+
+def serve_during_training(app: ServerProcess, load: Load, oa: openai.OpenAI, args, repeat: int) -> tuple[dict, list]:
+    """A job while the clients stream; windows alternate trainer running / stopped (the idle baseline)."""
+    url = app.url + "/"
+    job = oa.fine_tuning.jobs.create(model=MODEL, training_file="feedback",
+                                     hyperparameters={"n_epochs": args.epochs, "batch_size": args.batch_size})
+    trainer = trainer_process(app)
+
+    def training() -> bool:  # between the trainer's first and last step
+        p = job_status(url, job.id)
+        return p["status"] == "running" and 0 < (p["progress"].get("step") or 0) < p["progress"].get("total_steps", 1)
+
+    while not training():
+        if job_status(url, job.id)["status"] in TERMINAL:
+            break
+        time.sleep(0.5)
+    pairs, paused = [], 0.0
+    over = lambda: not training()  # noqa: E731
+    i = 0
+    while training():
+        # Alternate which comes first, so a trend over the job does not favour either side.
+        order = ("busy", "idle") if i % 2 == 0 else ("idle", "busy")
+        pair = {}
+        for kind in order:
+            if kind == "idle":
+                trainer.send_signal(signal.SIGSTOP)
+                try:
+                    pair["idle"] = load.measure(f"r{repeat}-idle{i}", args.window_s)
+                finally:
+                    trainer.send_signal(signal.SIGCONT)
+                paused += pair["idle"]["s"]
+            else:
+                pair["busy"] = load.measure(f"r{repeat}-busy{i}", args.window_s, until=over)
+        if pair["busy"]["s"] >= args.window_s * 0.8:  # a window cut short by the job's end is not a pair
+            pairs.append(pair)
+        i += 1
+    final = wait_job(url, job.id)
+    return trainer_figures(url, final, args.epochs, paused), pairs
+
+
+def swaps(app: ServerProcess, load: Load, adapter: str, n: int) -> list[dict]:
+    url = app.url + "/"
+    out = []
+    load.window = "swaps"
+
+    def router() -> dict:
+        return httpx.get(url + "health", timeout=60).json()["finetune"]["router"]
+
+    for _ in range(n):
+        time.sleep(2.5)  # the 2 s before the call are the no-swap baseline
+        before = router()
+        t0 = time.perf_counter()
+        if before["promoted"] == adapter:
+            httpx.post(url + "v1/fine_tuning/rollback", timeout=120).raise_for_status()
+        else:
+            httpx.post(url + f"v1/fine_tuning/adapters/{adapter}/promote", timeout=120).raise_for_status()
+        deadline = time.time() + 60
+        while (after := router())["switches"] == before["switches"] and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(max(0.0, t0 + 2.0 - time.perf_counter()))
+        out.append({"switch_ms": after["last_switch_ms"], "gap_after_ms": load.longest_gap(t0, t0 + 2.0) * 1000,
+                    "gap_before_ms": load.longest_gap(t0 - 2.0, t0) * 1000})
+    return out
+
+
+def uptime() -> str:
+    return os.popen("uptime").read().strip()
+
+
+def med(values) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="SLM_FINETUNE_THREADS")
+    parser.add_argument("--nice", type=int, default=10, help="SLM_FINETUNE_NICE")
+    parser.add_argument("--serving-threads", type=int, default=None, help="SLM_N_THREADS (default: the app's)")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--phase-s", type=float, default=60)
-    parser.add_argument("--swaps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window-s", type=float, default=10)
+    parser.add_argument("--swaps", type=int, default=12)
     args = parser.parse_args()
+    print(f"start: {uptime()}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(tier="pro", model=MODEL, data_dir=tmp, n_ctx=1024, parallel=2, finetune_auto=False,
-                            finetune_threads=args.threads)
-        server = serve_in_thread(build_app(settings))
+        port = free_port()
+        env = {"SLM_TIER": "pro", "SLM_MODEL": MODEL, "SLM_DATA_DIR": tmp, "SLM_N_CTX": "1024", "SLM_PARALLEL": "2",
+               "SLM_FINETUNE_AUTO": "false", "SLM_FINETUNE_THREADS": str(args.threads),
+               "SLM_FINETUNE_NICE": str(args.nice), "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
+        if args.serving_threads:
+            env["SLM_N_THREADS"] = str(args.serving_threads)
+        app = ServerProcess("app", [sys.executable, "app.py"], env, port, Path(tmp) / "app.log", REPO)
+        app.start()
         try:
-            assert server.service.wait_until_loaded(600), server.service.load_error
-            url = server.url
-            prompts = [o + q for o in OPENERS for q in QUESTIONS][: args.items]
-            for p in prompts:
+            app.wait_ready(600)
+            url = app.url + "/"
+            for p in [o + q for o in OPENERS for q in QUESTIONS][: args.items]:
                 httpx.post(url + "feedback", json={"prompt": p, "output": "The capital of Zorbania is Quillhaven.",
                                                    "rating": 5}, timeout=30).raise_for_status()
-            idle = load_phase(url, args.clients, args.phase_s)
             oa = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0)
-            job = oa.fine_tuning.jobs.create(model=MODEL, training_file="feedback",
-                                             hyperparameters={"n_epochs": args.epochs, "batch_size": 4})
-
-            def progress() -> dict:
-                return httpx.get(url + f"v1/fine_tuning/jobs/{job.id}", timeout=30).json()
-
-            while not (progress().get("progress") or {}).get("step") and progress()["status"] == "running":
-                time.sleep(1)
-            busy = load_phase(url, args.clients, args.phase_s,
-                              stop_when=lambda: progress()["status"] != "running"
-                              or progress()["progress"].get("step") == progress()["progress"].get("total_steps"))
-            while progress()["status"] not in ("succeeded", "failed", "cancelled"):
-                time.sleep(2)
-            final = progress()
-            if final["status"] != "succeeded":
-                print(f"job {final['status']}: {final['error']}")
-                return 1
-            adapter = final["fine_tuned_model"]
-            card = next(c for c in httpx.get(url + "v1/fine_tuning/adapters").json()["data"] if c["id"] == adapter)
-            trainer = card["trainer"]
-            kept = card["data_manifest"]["counts"]["train"]
-
-            pauses, stop = [], threading.Event()
-            swap_load: dict = {}
-            loader = threading.Thread(target=lambda: swap_load.update(
-                load_phase(url, args.clients, 3600, stop_when=stop.is_set)))
-            loader.start()
-            router = server.service.engine.router
-            for i in range(args.swaps):
-                before = router.switches
-                if i % 2 == 0:
-                    httpx.post(url + "v1/fine_tuning/rollback", timeout=120).raise_for_status()
-                else:
-                    httpx.post(url + f"v1/fine_tuning/adapters/{adapter}/promote", timeout=120).raise_for_status()
-                deadline = time.time() + 60
-                while router.switches == before and time.time() < deadline:
-                    time.sleep(0.05)
-                pauses.append(router.last_switch_ms)
-            stop.set()
-            loader.join()
+            alone, loaded, pairs = [], [], []
+            with Load(url, args.clients) as load:
+                for r in range(args.repeats):
+                    load.stop.set()  # training alone: no client load
+                    for t in load.threads:
+                        t.join(120)
+                    job = oa.fine_tuning.jobs.create(model=MODEL, training_file="feedback", hyperparameters={
+                        "n_epochs": args.epochs, "batch_size": args.batch_size})
+                    alone.append(trainer_figures(url, wait_job(url, job.id), args.epochs))
+                    print(f"repeat {r}: alone {alone[-1]}", flush=True)
+                    load.stop.clear()
+                    load.threads = [threading.Thread(target=load._client, daemon=True) for _ in range(args.clients)]
+                    for t in load.threads:
+                        t.start()
+                    figures, got = serve_during_training(app, load, oa, args, r)
+                    loaded.append(figures)
+                    pairs += got
+                    print(f"repeat {r}: under load {figures}; {len(got)} window pairs: "
+                          + ", ".join(f"{p['busy']['tok_s'] / p['idle']['tok_s']:.2f}" for p in got), flush=True)
+                adapter = alone[-1]["adapter"]
+                swapped = swaps(app, load, adapter, args.swaps)
+            swap_failures = [f for w, f in load.failures if w == "swaps"]
+            swap_requests = sum(1 for w, _, _ in load.requests if w == "swaps")
         finally:
-            server.stop()
+            app.stop()
+        print(f"end: {uptime()}")
 
-    per_100 = trainer["train_s"] / max(kept, 1) / args.epochs * 100
+    tok = [p["busy"]["tok_s"] / p["idle"]["tok_s"] for p in pairs]
+    p95 = [p["busy"]["p95_s"] / p["idle"]["p95_s"] for p in pairs]
     rows = [
-        ("training time per 100 items (one epoch)", f"{per_100 / 60:.1f} min", "≤ 5 min"),
-        ("trainer load + dequantize", f"{trainer['load_s']:.0f} s", ""),
-        ("trainer peak RSS", f"{trainer['peak_rss_mb']:.0f} MB", ""),
-        ("adapter size (f16 GGUF)", f"{card['size_bytes'] / 2**20:.1f} MB", ""),
-        ("serving tok/s idle → during training", f"{idle['tok_s']:.1f} → {busy['tok_s']:.1f} "
-                                                 f"({busy['tok_s'] / idle['tok_s']:.2f}×)", "≥ 0.5×"),
-        ("serving p95 latency idle → during training", f"{idle['p95_s']:.2f} → {busy['p95_s']:.2f} s "
-                                                       f"({busy['p95_s'] / idle['p95_s']:.2f}×)", ""),
-        ("swap pause (median / max of %d)" % len(pauses),
-         f"{statistics.median(pauses):.1f} / {max(pauses):.1f} ms", "≤ 50 ms"),
-        ("failed requests across swaps", f"{swap_load.get('failures')} of {swap_load.get('requests')}", "0"),
-        ("failed requests idle / during training", f"{idle['failures']} / {busy['failures']}", "0"),
+        ("training time per 100 items, one epoch, alone", f"{med(a['per_100_min'] for a in alone):.2f} min "
+         f"(runs: {', '.join(f'{a['per_100_min']:.2f}' for a in alone)})", "≤ 5 min"),
+        ("training time per 100 items, one epoch, under the serving load (stopped windows excluded)",
+         f"{med(a['per_100_min'] for a in loaded):.2f} min", ""),
+        ("trainer load + dequantize", f"{med(a['load_s'] for a in alone):.1f} s", ""),
+        ("trainer peak RSS", f"{med(a['rss_mb'] for a in alone + loaded):.0f} MB", ""),
+        ("adapter size (f16 GGUF)", f"{med(a['adapter_mb'] for a in alone):.2f} MB", ""),
+        ("convert / gate", f"{med(a['convert_s'] for a in alone):.1f} s / {med(a['gate_s'] for a in alone):.1f} s", ""),
+        ("serving tok/s during training ÷ idle", f"{med(tok):.2f}× (idle {med(p['idle']['tok_s'] for p in pairs):.1f}, "
+         f"training {med(p['busy']['tok_s'] for p in pairs):.1f} tok/s; {len(pairs)} window pairs)", "≥ 0.5×"),
+        ("serving p95 latency during training ÷ idle", f"{med(p95):.2f}× (idle {med(p['idle']['p95_s'] for p in pairs):.2f} s, "
+         f"training {med(p['busy']['p95_s'] for p in pairs):.2f} s)", ""),
+        ("failed requests idle / during training", f"{sum(p['idle']['failures'] for p in pairs)} / "
+         f"{sum(p['busy']['failures'] for p in pairs)}", "0"),
+        (f"swap pause, server's switch (median / max of {len(swapped)})",
+         f"{med(s['switch_ms'] for s in swapped):.1f} / {max(s['switch_ms'] for s in swapped):.1f} ms", "≤ 50 ms"),
+        ("longest token gap seen by clients, 2 s after a swap / 2 s before",
+         f"{med(s['gap_after_ms'] for s in swapped):.0f} / {med(s['gap_before_ms'] for s in swapped):.0f} ms (medians)", ""),
+        ("failed requests across swaps", f"{len(swap_failures)} of {swap_requests + len(swap_failures)}", "0"),
     ]
-    print(f"\n{args.items} items ({kept} trained), {args.epochs} epoch(s), trainer threads {args.threads}, "
-          f"{args.clients} streaming clients\n")
+    print(f"\n{args.items} items ({alone[-1]['kept']} trained, {alone[-1]['steps']} steps), {args.epochs} epoch(s), "
+          f"batch {args.batch_size}, trainer threads {args.threads} at nice {args.nice}, serving threads "
+          f"{args.serving_threads or 'default'}, {args.clients} streaming clients, {args.repeats} repeats, "
+          f"gate passed: {[a['gate'] for a in alone + loaded]}\n")
     print("| measure | value | goal |\n|---|---|---|")
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")
+    if swap_failures:
+        print("\nswap failures:", *swap_failures[:5], sep="\n  ")
     return 0
 
 

@@ -372,7 +372,8 @@ class FineTuner:
             "router": self.router.status() if self.router is not None else None,
             "running_job": running.public() | {"losses": None} if running else None,
             "adapters": len(self.registry.cards()),
-            "auto": {"enabled": self.settings.finetune_auto, "after": self.settings.finetune_after},
+            "auto": {"enabled": self.settings.finetune_auto, "after": self.settings.finetune_after,
+                     "new_items": self.new_feedback() if self.feedback.path.exists() else 0},
             "error": self.attach_error,
         }}
 
