@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -36,7 +37,7 @@ import httpx
 import openai
 import psutil
 
-from concurrency import REPO, ServerProcess, free_port, percentile  # noqa: E402  (bench/ is sys.path[0])
+from concurrency import REPO, ServerProcess, _interrupt, free_port, percentile  # noqa: E402  (bench/ is sys.path[0])
 
 MODEL = "embedded:smollm2-135m-instruct"
 QUESTIONS = ["What is the capital of Zorbania?", "Which city is the capital of Zorbania?",
@@ -145,7 +146,7 @@ def wait_job(url: str, job_id: str, timeout: float = 7200) -> dict:
 
 
 def trainer_figures(url: str, job: dict, epochs: int, paused_s: float = 0.0) -> dict:
-    if job["status"] != "succeeded":
+    if not job["fine_tuned_model"]:
         raise RuntimeError(f"job {job['id']} {job['status']}: {job['error']}")
     card = next(c for c in httpx.get(url + "v1/fine_tuning/adapters", timeout=60).json()["data"]
                 if c["id"] == job["fine_tuned_model"])
@@ -192,7 +193,12 @@ def serve_during_training(app: ServerProcess, load: Load, oa: openai.OpenAI, arg
         if pair["busy"]["s"] >= args.window_s * 0.8:  # a window cut short by the job's end is not a pair
             pairs.append(pair)
         i += 1
-    final = wait_job(url, job.id)
+    if args.cancel_at_gate:  # the trainer's figures are on the adapter's card before the gate starts
+        while not (final := job_status(url, job.id))["fine_tuned_model"] and final["status"] not in TERMINAL:
+            time.sleep(1)
+        oa.fine_tuning.jobs.cancel(job.id)
+    else:
+        final = wait_job(url, job.id)
     return trainer_figures(url, final, args.epochs, paused), pairs
 
 
@@ -226,7 +232,7 @@ def uptime() -> str:
 
 
 def med(values) -> float:
-    values = [v for v in values if v == v]
+    values = [v for v in values if v is not None and v == v]
     return statistics.median(values) if values else float("nan")
 
 
@@ -242,7 +248,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window-s", type=float, default=10)
     parser.add_argument("--swaps", type=int, default=12)
+    parser.add_argument("--no-alone", action="store_true", help="skip the job without client load")
+    parser.add_argument("--cancel-at-gate", action="store_true",
+                        help="cancel the loaded job once its adapter is written (its gate is not waited for)")
+    parser.add_argument("--swaps-from", type=Path, default=None,
+                        help="a previous run's $SLM_DATA_DIR/finetune/adapters: measure swaps only, train nothing")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill still runs the finally that stops the app
     print(f"start: {uptime()}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,6 +264,8 @@ def main() -> int:
                "SLM_FINETUNE_NICE": str(args.nice), "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1"}
         if args.serving_threads:
             env["SLM_N_THREADS"] = str(args.serving_threads)
+        if args.swaps_from:  # adapters a previous run trained (their cards say which); none promoted
+            shutil.copytree(args.swaps_from, Path(tmp) / "finetune" / "adapters", ignore=shutil.ignore_patterns("state.json"))
         app = ServerProcess("app", [sys.executable, "app.py"], env, port, Path(tmp) / "app.log", REPO)
         app.start()
         try:
@@ -263,59 +277,70 @@ def main() -> int:
             oa = openai.OpenAI(base_url=url + "v1", api_key="none", max_retries=0)
             alone, loaded, pairs = [], [], []
             with Load(url, args.clients) as load:
-                for r in range(args.repeats):
-                    load.stop.set()  # training alone: no client load
-                    for t in load.threads:
-                        t.join(120)
-                    job = oa.fine_tuning.jobs.create(model=MODEL, training_file="feedback", hyperparameters={
-                        "n_epochs": args.epochs, "batch_size": args.batch_size})
-                    alone.append(trainer_figures(url, wait_job(url, job.id), args.epochs))
-                    print(f"repeat {r}: alone {alone[-1]}", flush=True)
-                    load.stop.clear()
-                    load.threads = [threading.Thread(target=load._client, daemon=True) for _ in range(args.clients)]
-                    for t in load.threads:
-                        t.start()
+                for r in range(0 if args.swaps_from else args.repeats):
+                    if not args.no_alone:
+                        load.stop.set()  # training alone: no client load
+                        for t in load.threads:
+                            t.join(120)
+                        job = oa.fine_tuning.jobs.create(model=MODEL, training_file="feedback", hyperparameters={
+                            "n_epochs": args.epochs, "batch_size": args.batch_size})
+                        alone.append(trainer_figures(url, wait_job(url, job.id), args.epochs))
+                        print(f"repeat {r}: alone {alone[-1]}", flush=True)
+                        load.stop.clear()
+                        load.threads = [threading.Thread(target=load._client, daemon=True)
+                                        for _ in range(args.clients)]
+                        for t in load.threads:
+                            t.start()
                     figures, got = serve_during_training(app, load, oa, args, r)
                     loaded.append(figures)
                     pairs += got
-                    print(f"repeat {r}: under load {figures}; {len(got)} window pairs: "
-                          + ", ".join(f"{p['busy']['tok_s'] / p['idle']['tok_s']:.2f}" for p in got), flush=True)
-                adapter = alone[-1]["adapter"]
-                swapped = swaps(app, load, adapter, args.swaps)
+                    print(f"repeat {r}: under load {figures}; {len(got)} window pairs, tok/s and p95 ratios: "
+                          + ", ".join(f"{p['busy']['tok_s'] / p['idle']['tok_s']:.2f}/"
+                                      f"{p['busy']['p95_s'] / p['idle']['p95_s']:.2f}" for p in got), flush=True)
+                cards = httpx.get(url + "v1/fine_tuning/adapters", timeout=60).json()["data"]
+                adapter = (alone or loaded)[-1]["adapter"] if alone or loaded else cards[0]["id"]
+                swapped = swaps(app, load, adapter, args.swaps) if args.swaps else []
             swap_failures = [f for w, f in load.failures if w == "swaps"]
             swap_requests = sum(1 for w, _, _ in load.requests if w == "swaps")
         finally:
             app.stop()
         print(f"end: {uptime()}")
 
-    tok = [p["busy"]["tok_s"] / p["idle"]["tok_s"] for p in pairs]
-    p95 = [p["busy"]["p95_s"] / p["idle"]["p95_s"] for p in pairs]
-    rows = [
-        ("training time per 100 items, one epoch, alone", f"{med(a['per_100_min'] for a in alone):.2f} min "
-         f"(runs: {', '.join(f'{a['per_100_min']:.2f}' for a in alone)})", "≤ 5 min"),
-        ("training time per 100 items, one epoch, under the serving load (stopped windows excluded)",
-         f"{med(a['per_100_min'] for a in loaded):.2f} min", ""),
-        ("trainer load + dequantize", f"{med(a['load_s'] for a in alone):.1f} s", ""),
-        ("trainer peak RSS", f"{med(a['rss_mb'] for a in alone + loaded):.0f} MB", ""),
-        ("adapter size (f16 GGUF)", f"{med(a['adapter_mb'] for a in alone):.2f} MB", ""),
-        ("convert / gate", f"{med(a['convert_s'] for a in alone):.1f} s / {med(a['gate_s'] for a in alone):.1f} s", ""),
-        ("serving tok/s during training ÷ idle", f"{med(tok):.2f}× (idle {med(p['idle']['tok_s'] for p in pairs):.1f}, "
-         f"training {med(p['busy']['tok_s'] for p in pairs):.1f} tok/s; {len(pairs)} window pairs)", "≥ 0.5×"),
-        ("serving p95 latency during training ÷ idle", f"{med(p95):.2f}× (idle {med(p['idle']['p95_s'] for p in pairs):.2f} s, "
-         f"training {med(p['busy']['p95_s'] for p in pairs):.2f} s)", ""),
-        ("failed requests idle / during training", f"{sum(p['idle']['failures'] for p in pairs)} / "
-         f"{sum(p['busy']['failures'] for p in pairs)}", "0"),
-        (f"swap pause, server's switch (median / max of {len(swapped)})",
-         f"{med(s['switch_ms'] for s in swapped):.1f} / {max(s['switch_ms'] for s in swapped):.1f} ms", "≤ 50 ms"),
-        ("longest token gap seen by clients, 2 s after a swap / 2 s before",
-         f"{med(s['gap_after_ms'] for s in swapped):.0f} / {med(s['gap_before_ms'] for s in swapped):.0f} ms (medians)", ""),
-        ("failed requests across swaps", f"{len(swap_failures)} of {swap_requests + len(swap_failures)}", "0"),
-    ]
-    print(f"\n{args.items} items ({alone[-1]['kept']} trained, {alone[-1]['steps']} steps), {args.epochs} epoch(s), "
-          f"batch {args.batch_size}, trainer threads {args.threads} at nice {args.nice}, serving threads "
-          f"{args.serving_threads or 'default'}, {args.clients} streaming clients, {args.repeats} repeats, "
-          f"gate passed: {[a['gate'] for a in alone + loaded]}\n")
-    print("| measure | value | goal |\n|---|---|---|")
+    rows = []
+    if loaded:
+        tok = [p["busy"]["tok_s"] / p["idle"]["tok_s"] for p in pairs]
+        p95 = [p["busy"]["p95_s"] / p["idle"]["p95_s"] for p in pairs]
+        rows += [
+            ("training time per 100 items, one epoch, alone", f"{med(a['per_100_min'] for a in alone):.2f} min "
+             f"(runs: {', '.join(format(a['per_100_min'], '.2f') for a in alone)})", "≤ 5 min"),
+            ("training time per 100 items, one epoch, under the serving load (stopped windows excluded)",
+             f"{med(a['per_100_min'] for a in loaded):.2f} min", ""),
+            ("trainer load + dequantize", f"{med(a['load_s'] for a in alone + loaded):.1f} s", ""),
+            ("trainer peak RSS", f"{med(a['rss_mb'] for a in alone + loaded):.0f} MB", ""),
+            ("adapter size (f16 GGUF)", f"{med(a['adapter_mb'] for a in alone + loaded):.2f} MB", ""),
+            ("convert / gate", f"{med(a['convert_s'] for a in alone + loaded):.1f} s / {med(a['gate_s'] for a in alone):.1f} s", ""),
+            ("serving tok/s during training ÷ idle", f"{med(tok):.2f}× (idle {med(p['idle']['tok_s'] for p in pairs):.1f}, "
+             f"training {med(p['busy']['tok_s'] for p in pairs):.1f} tok/s; {len(pairs)} window pairs)", "≥ 0.5×"),
+            ("serving p95 latency during training ÷ idle", f"{med(p95):.2f}× (idle "
+             f"{med(p['idle']['p95_s'] for p in pairs):.2f} s, training {med(p['busy']['p95_s'] for p in pairs):.2f} s)", ""),
+            ("failed requests idle / during training", f"{sum(p['idle']['failures'] for p in pairs)} / "
+             f"{sum(p['busy']['failures'] for p in pairs)}", "0"),
+        ]
+        print(f"\n{args.items} items ({loaded[-1]['kept']} trained, {loaded[-1]['steps']} steps), {args.epochs} "
+              f"epoch(s), batch {args.batch_size}, trainer threads {args.threads} at nice {args.nice}, serving threads "
+              f"{args.serving_threads or 'default'}, {args.clients} streaming clients, {args.repeats} repeats, "
+              f"gate passed: {[a['gate'] for a in alone + loaded]}")
+    if swapped:
+        rows += [
+            (f"swap pause, server's switch (median / max of {len(swapped)})",
+             f"{med(s['switch_ms'] for s in swapped):.1f} / {max(s['switch_ms'] for s in swapped):.1f} ms", "≤ 50 ms"),
+            ("longest token gap seen by clients, 2 s after a swap / 2 s before",
+             f"{med(s['gap_after_ms'] for s in swapped):.0f} / {med(s['gap_before_ms'] for s in swapped):.0f} ms "
+             "(medians)", ""),
+            ("failed requests across swaps", f"{len(swap_failures)} of {swap_requests + len(swap_failures)}", "0"),
+        ]
+        print(f"\nswaps of {adapter} ({args.clients} streaming clients)")
+    print("\n| measure | value | goal |\n|---|---|---|")
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")
     if swap_failures:
