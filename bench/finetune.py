@@ -23,6 +23,7 @@ requests. Prints Markdown tables (medians over windows and repeats) with ``uptim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -102,14 +103,15 @@ class Load:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds and not (until and until()):
             time.sleep(0.2)
-        elapsed = time.perf_counter() - t0
+        t1 = time.perf_counter()
         with self.lock:
             self.window = "between"
             rows = [r for r in self.requests[done0:] if r[0] == name]
             failed = sum(1 for w, _ in self.failures if w == name)
+            tokens = sum(1 for t in self.chunks if t0 <= t <= t1)  # a streamed chunk is a token
         lat = [r[1] for r in rows]
-        return {"tok_s": sum(r[2] for r in rows) / elapsed, "p95_s": percentile(lat, 95) if lat else float("nan"),
-                "requests": len(rows), "failures": failed, "s": elapsed}
+        return {"tok_s": tokens / (t1 - t0), "p95_s": percentile(lat, 95) if lat else float("nan"),
+                "requests": len(rows), "failures": failed, "s": t1 - t0}
 
     def longest_gap(self, start: float, end: float) -> float:
         """The longest time without any token between ``start`` and ``end`` (merged over clients)."""
@@ -222,9 +224,15 @@ def swaps(app: ServerProcess, load: Load, adapter: str, n: int) -> list[dict]:
         while (after := router())["switches"] == before["switches"] and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(max(0.0, t0 + 2.0 - time.perf_counter()))
-        out.append({"switch_ms": after["last_switch_ms"], "gap_after_ms": load.longest_gap(t0, t0 + 2.0) * 1000,
+        switched = after["switches"] > before["switches"]  # else no request came within 60 s
+        out.append({"switch_ms": after["last_switch_ms"] if switched else None, "gap_after_ms": load.longest_gap(t0, t0 + 2.0) * 1000,
                     "gap_before_ms": load.longest_gap(t0 - 2.0, t0) * 1000})
     return out
+
+
+def ratio(pair: dict, key: str) -> float:
+    """During training ÷ idle for one window pair (nan when the idle window saw nothing)."""
+    return pair["busy"][key] / pair["idle"][key] if pair["idle"][key] else float("nan")
 
 
 def uptime() -> str:
@@ -251,6 +259,7 @@ def main() -> int:
     parser.add_argument("--no-alone", action="store_true", help="skip the job without client load")
     parser.add_argument("--cancel-at-gate", action="store_true",
                         help="cancel the loaded job once its adapter is written (its gate is not waited for)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw measurements here")
     parser.add_argument("--swaps-from", type=Path, default=None,
                         help="a previous run's $SLM_DATA_DIR/finetune/adapters: measure swaps only, train nothing")
     args = parser.parse_args()
@@ -295,8 +304,9 @@ def main() -> int:
                     loaded.append(figures)
                     pairs += got
                     print(f"repeat {r}: under load {figures}; {len(got)} window pairs, tok/s and p95 ratios: "
-                          + ", ".join(f"{p['busy']['tok_s'] / p['idle']['tok_s']:.2f}/"
-                                      f"{p['busy']['p95_s'] / p['idle']['p95_s']:.2f}" for p in got), flush=True)
+                          + ", ".join(f"{ratio(p, 'tok_s'):.2f}/{ratio(p, 'p95_s'):.2f}" for p in got), flush=True)
+                    if args.json:
+                        args.json.write_text(json.dumps({"alone": alone, "loaded": loaded, "pairs": pairs}))
                 cards = httpx.get(url + "v1/fine_tuning/adapters", timeout=60).json()["data"]
                 adapter = (alone or loaded)[-1]["adapter"] if alone or loaded else cards[0]["id"]
                 swapped = swaps(app, load, adapter, args.swaps) if args.swaps else []
@@ -305,11 +315,14 @@ def main() -> int:
         finally:
             app.stop()
         print(f"end: {uptime()}")
+    if args.json:
+        args.json.write_text(json.dumps({"alone": alone, "loaded": loaded, "pairs": pairs, "swaps": swapped,
+                                         "swap_failures": swap_failures, "swap_requests": swap_requests}, indent=1))
 
     rows = []
     if loaded:
-        tok = [p["busy"]["tok_s"] / p["idle"]["tok_s"] for p in pairs]
-        p95 = [p["busy"]["p95_s"] / p["idle"]["p95_s"] for p in pairs]
+        tok = [ratio(p, "tok_s") for p in pairs]
+        p95 = [ratio(p, "p95_s") for p in pairs]
         rows += [
             ("training time per 100 items, one epoch, alone", f"{med(a['per_100_min'] for a in alone):.2f} min "
              f"(runs: {', '.join(format(a['per_100_min'], '.2f') for a in alone)})", "≤ 5 min"),
@@ -333,7 +346,7 @@ def main() -> int:
     if swapped:
         rows += [
             (f"swap pause, server's switch (median / max of {len(swapped)})",
-             f"{med(s['switch_ms'] for s in swapped):.1f} / {max(s['switch_ms'] for s in swapped):.1f} ms", "≤ 50 ms"),
+             f"{med(s['switch_ms'] for s in swapped):.1f} / {max(s['switch_ms'] or 0 for s in swapped):.1f} ms", "≤ 50 ms"),
             ("longest token gap seen by clients, 2 s after a swap / 2 s before",
              f"{med(s['gap_after_ms'] for s in swapped):.0f} / {med(s['gap_before_ms'] for s in swapped):.0f} ms "
              "(medians)", ""),
