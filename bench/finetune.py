@@ -2,7 +2,10 @@
 ``python app.py`` in its own process, feedback over HTTP, jobs and load through the ``openai`` SDK.
 
     nice .venv/bin/python bench/finetune.py [--items 100] [--epochs 1] [--threads 1] [--clients 2]
-                                            [--repeats 3] [--window-s 10] [--swaps 12]
+                                            [--repeats 3] [--window-s 10] [--swaps 12] [--json RAW.json]
+
+``--no-alone --cancel-at-gate`` keeps only the loaded job and skips waiting for its gate (minutes on a
+busy machine); ``--swaps-from DIR`` measures swaps with adapters a previous run trained.
 
 Per repeat, two jobs on the same ``--items`` feedback items (a made-up fact asked in paraphrases):
 
