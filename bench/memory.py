@@ -122,6 +122,8 @@ def run_app(label: str, env: dict[str, str], requests: int, cache: Path) -> dict
         for q in range(4):
             errors += load_requests(url, requests // 4, 4, seed=10 + q)
             quarters.append(rss_mb(proc.pid))
+            print(f"{label}: {(q + 1) * (requests // 4)} requests, RSS {quarters[-1]:.0f} MB, {errors} errors, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         out["run_s"] = time.perf_counter() - t0
         out["quarters"], out["errors"], out["requests"] = quarters, errors, requests // 4 * 4
         out["health"] = httpx.get(url + "health", timeout=30).json()
