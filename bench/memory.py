@@ -1,7 +1,7 @@
 """Whole-process memory per tier and backend, and LiteRT's decode speed against TensorFlow's.
 
     .venv/bin/python bench/memory.py [--requests 1000] [--std-requests 100] [--rounds 5] [--skip-apps]
-                                     [--skip-speed] [--skip-124m] [--skip-pro] [--cache-dir DIR]
+                                     [--skip-speed] [--skip-124m] [--skip-pro] [--apps KEY,...] [--cache-dir DIR]
 
 Part 1, memory: each configuration is the app launched as the README launches it
 (``.venv/bin/python app.py`` with its SLM_* variables) in its own process; its RSS is read from outside
@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 GPT2_124M = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
 WORDS = "the a model small language fox river city seven blue quickly data tokens cache memory light".split()
 PROMPT = "The quick brown fox jumps over the lazy dog."
+APP_KEYS = ("free-litert", "free-tf", "std-tf", "std-litert-f32", "std-litert-int8", "pro")
 
 
 def rss_mb(pid: int) -> float:
@@ -121,6 +122,8 @@ def run_app(label: str, env: dict[str, str], requests: int, cache: Path) -> dict
         for q in range(4):
             errors += load_requests(url, requests // 4, 4, seed=10 + q)
             quarters.append(rss_mb(proc.pid))
+            print(f"{label}: {(q + 1) * (requests // 4)} requests, RSS {quarters[-1]:.0f} MB, {errors} errors, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         out["run_s"] = time.perf_counter() - t0
         out["quarters"], out["errors"], out["requests"] = quarters, errors, requests // 4 * 4
         out["health"] = httpx.get(url + "health", timeout=30).json()
@@ -172,6 +175,8 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-124m", action="store_true")
     ap.add_argument("--skip-pro", action="store_true")
+    ap.add_argument("--apps", default=",".join(APP_KEYS),
+                    help=f"which app configurations to launch, comma-separated (default: all of {', '.join(APP_KEYS)})")
     ap.add_argument("--cache-dir", default=None, help="model cache (default: a temporary dir)")
     args = ap.parse_args()
     cache = Path(args.cache_dir or tempfile.mkdtemp(prefix="bench-memory-"))
@@ -191,10 +196,17 @@ def main() -> None:
         for weights in ("float32", "int8"):
             convert_in_subprocess(gpt2, cache, std_ctx, weights)
 
-    def apps(configs: list[tuple[str, dict[str, str], int]]) -> None:
+    chosen = set(args.apps.split(","))
+    if chosen - set(APP_KEYS):
+        ap.error(f"unknown --apps {sorted(chosen - set(APP_KEYS))}; known: {', '.join(APP_KEYS)}")
+
+    def apps(configs: list[tuple[str, str, dict[str, str], int]]) -> None:
+        configs = [c for c in configs if c[0] in chosen]
+        if not configs:
+            return
         print("\n| configuration | start | loaded + warm-up | after 20 requests | after N/4, N/2, 3N/4, N | N | errors "
               "| model |\n|---|---:|---:|---:|---|---:|---:|---|", flush=True)
-        for label, env, n in configs:
+        for _, label, env, n in configs:
             try:
                 r = run_app(label, env, n, cache)
             except Exception as exc:  # a config that cannot run here is reported, not fatal
@@ -217,8 +229,8 @@ def main() -> None:
               "alternating backends; ÷ TensorFlow < 1 is faster.", flush=True)
 
     if not args.skip_apps:
-        apps([("free, LiteRT float16", {"SLM_TIER": "free"}, args.requests),
-              ("free, TensorFlow float16", {"SLM_TIER": "free", "SLM_BACKEND": "tensorflow"}, args.requests)])
+        apps([("free-litert", "free, LiteRT float16", {"SLM_TIER": "free"}, args.requests),
+              ("free-tf", "free, TensorFlow float16", {"SLM_TIER": "free", "SLM_BACKEND": "tensorflow"}, args.requests)])
     if not args.skip_speed:
         tiny = dict(model=model, max_prompt_tokens=256, max_new_tokens=96)
         speeds([("tiny-gpt2 float16, LiteRT", dict(backend="litert", litert_weights="float16", **tiny)),
@@ -232,14 +244,15 @@ def main() -> None:
         configs = []
         if gpt2:
             std = {"SLM_TIER": "standard", "SLM_MODEL": gpt2}
-            configs += [("standard 124M, TensorFlow float32", {**std, "SLM_BACKEND": "tensorflow"}, args.std_requests),
-                        ("standard 124M, LiteRT float32", {**std, "SLM_BACKEND": "litert",
-                                                            "SLM_LITERT_WEIGHTS": "float32"}, args.std_requests),
-                        ("standard 124M, LiteRT int8", {**std, "SLM_BACKEND": "litert",
-                                                         "SLM_LITERT_WEIGHTS": "int8"}, args.std_requests)]
+            configs += [("std-tf", "standard 124M, TensorFlow float32", {**std, "SLM_BACKEND": "tensorflow"},
+                         args.std_requests),
+                        ("std-litert-f32", "standard 124M, LiteRT float32",
+                         {**std, "SLM_BACKEND": "litert", "SLM_LITERT_WEIGHTS": "float32"}, args.std_requests),
+                        ("std-litert-int8", "standard 124M, LiteRT int8",
+                         {**std, "SLM_BACKEND": "litert", "SLM_LITERT_WEIGHTS": "int8"}, args.std_requests)]
         if importlib.util.find_spec("llama_cpp") and not args.skip_pro:
             # Offline, the pro tier's hub model falls back to the embedded SmolLM2-135M-Instruct GGUF.
-            configs.append(("pro, llama.cpp (offline fallback)", {"SLM_TIER": "pro", "HF_HUB_OFFLINE": "1"},
+            configs.append(("pro", "pro, llama.cpp (offline fallback)", {"SLM_TIER": "pro", "HF_HUB_OFFLINE": "1"},
                             args.std_requests))
         if configs:
             apps(configs)

@@ -17,9 +17,11 @@ from slm_app import memory
 from slm_app.settings import ResolvedTier, Settings, Tier
 
 # Whole-process RSS in MB a tier's default model reaches while serving, rounded up, by backend. Free tier:
-# bench/memory.py after 1,000 requests (LiteRT 218, TensorFlow 1,237; docs/bench-memory.md). Standard
-# and pro: earlier measurements (TensorFlow GPT-2 124M 2.8 GB after XLA warm-up; LiteRT 124M float32
-# 635 MB without XNNPACK plus Gradio and the app ~150; Qwen2.5-3B Q4_K_M ~3.2 GB with a 4k context).
+# bench/memory.py after 1,000 requests (LiteRT 218, TensorFlow 1,237; docs/bench-memory.md). Standard on
+# TensorFlow: bench/memory.py 2,310 MB flat over 100 requests (GPT-2 124M); 3,000 leaves room for XLA's
+# compile peaks (2.8 GB measured earlier). LiteRT 124M float32: 635 MB without XNNPACK (earlier probe)
+# plus Gradio and the app ~150. Pro: Qwen2.5-3B Q4_K_M ~3.2 GB with a 4k context (its offline fallback,
+# SmolLM2-135M, holds 382 MB).
 FOOTPRINT_MB: dict[tuple[Tier, str], int] = {
     (Tier.free, "litert"): 250,
     (Tier.free, "tensorflow"): 1_300,

@@ -183,7 +183,9 @@ class Settings(BaseSettings):
 
     # llama.cpp backend.
     n_ctx: int = Field(default=4096, ge=256)
-    n_threads: int | None = Field(default=None, ge=1)  # default: cores this process may use
+    # llama.cpp's and LiteRT's threads. Default: the cores this process may use (LiteRT with a small model
+    # file: 1, its ops being too small to share; slm_app/backends/litert_gpt2.py).
+    n_threads: int | None = Field(default=None, ge=1)
     n_batch: int = Field(default=512, ge=1)
     use_mmap: bool = True
     use_mlock: bool = False

@@ -128,13 +128,27 @@ def test_free_tier_process_serves_on_litert_without_tensorflow(free_app_process)
 
 
 def test_litert_greedy_calls_give_the_tokens_of_forward_then_argmax(tmp_path: Path) -> None:
-    lite = load_backend(EngineConfig(backend="litert", model="sshleifer/tiny-gpt2", cache_dir=tmp_path, n_slots=2,
+    """Greedy calls (and slots taking turns in LiteRT's cache buffers) give each prompt the tokens it
+    gets alone in slot 0, one ``forward`` and numpy argmax at a time."""
+    lite = load_backend(EngineConfig(backend="litert", model="sshleifer/tiny-gpt2", cache_dir=tmp_path, n_slots=3,
                                      max_prompt_tokens=64, max_new_tokens=32, litert_weights="float16"))
     try:
-        expected, _ = greedy(lite, PROMPTS[0], 12)
-        prompt = lite.tokenize(PROMPTS[0])
-        first = int(np.argmax(lite.forward([Row(1, prompt, 0)]).row(0)))
-        picks = lite.decode_greedy([Row(1, [first], len(prompt))], 11)
-        assert [first, *picks[0].tolist()] == expected
+        assert lite.max_greedy_steps() >= 2  # sized at warm-up
+        expected = {p: greedy(lite, p, 16)[0] for p in PROMPTS}
+        slots = {1: PROMPTS[0], 2: PROMPTS[2], 0: PROMPTS[1]}
+        prompts = {slot: lite.tokenize(p) for slot, p in slots.items()}
+        out = lite.forward([Row(slot, ids, 0) for slot, ids in prompts.items()])
+        got = {slot: [int(np.argmax(out.row(i)))] for i, slot in enumerate(prompts)}
+        for _ in range(4):  # the rows take turns in one decode buffer
+            rows = [Row(slot, [got[slot][-1]], len(prompts[slot]) + len(got[slot]) - 1) for slot in prompts]
+            out = lite.forward(rows)
+            for i, row in enumerate(rows):
+                got[row.slot].append(int(np.argmax(out.row(i))))
+        lite.score(lite.tokenize(PROMPTS[1]))  # perplexity borrows slot 0 (its own buffer)
+        rows = [Row(slot, [got[slot][-1]], len(prompts[slot]) + len(got[slot]) - 1) for slot in (1, 2)]
+        for row, picks in zip(rows, lite.decode_greedy(rows, 11)):
+            got[row.slot] += picks.tolist()
+        for slot in (1, 2):
+            assert got[slot] == expected[slots[slot]], slots[slot]
     finally:
         lite.close()
