@@ -107,16 +107,15 @@ class TFLoraAdapters:
 
     def load(self, adapter_id: str, path: Path) -> None:
         """Read and check ``path`` as ``adapter_id`` (no-op when already loaded); nothing is applied."""
-        if adapter_id in self._loaded:
-            self._loaded.move_to_end(adapter_id)
-            return
-        try:
-            _, layers = read_adapter(Path(path), self.n_layer, self.n_embd, self.rank)
-        except AdapterError as exc:
-            raise AdapterError(f"adapter {adapter_id}: {exc}") from None
-        self._loaded[adapter_id] = layers
-        for old in [a for a in self._loaded if a != self.active][: max(0, len(self._loaded) - self._keep)]:
-            del self._loaded[old]
+        if adapter_id not in self._loaded:
+            try:
+                self._loaded[adapter_id] = read_adapter(Path(path), self.n_layer, self.n_embd, self.rank)[1]
+            except AdapterError as exc:
+                raise AdapterError(f"adapter {adapter_id}: {exc}") from None
+            stale = [a for a in self._loaded if a not in (self.active, adapter_id)]
+            for old in stale[: max(0, len(self._loaded) - self._keep)]:
+                del self._loaded[old]
+        self._loaded.move_to_end(adapter_id)
 
     def set(self, adapter_id: str | None) -> None:
         """Assign ``adapter_id``'s factors (None: zeros, the base model) to the variables."""

@@ -19,15 +19,13 @@ the peft adapter (``adapter_model.safetensors``, ``adapter_config.json``) and th
 from __future__ import annotations
 
 import json
-import os
-import resource
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from slm_app.finetune.training import batches, emit, read_examples, run_epochs, total_steps
+from slm_app.finetune.training import batches, done, emit, examples, run_epochs, run_main, total_steps
 
 # LoRA targets of the llama and gemma3 architectures in transformers (both name them alike).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,13 +76,9 @@ def main(config_path: str) -> int:
     model = peft.get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     load_s = time.perf_counter() - t_start
-    emit("status", message=f"loaded in {load_s:.1f} s; {trainable:,} trainable LoRA parameters")
-
-    train = read_examples(cfg["train_file"])
-    val = read_examples(cfg.get("validation_file", ""))
-    if not train:
-        emit("error", message="no training examples")
+    if (data := examples(cfg, trainable, t_start)) is None:
         return 2
+    train, val = data
     epochs, batch_size = int(cfg.get("epochs", 3)), int(cfg.get("batch_size", 4))
     total = total_steps(len(train), batch_size, epochs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -126,16 +120,10 @@ def main(config_path: str) -> int:
     base_config = model.base_model.model.config.to_dict()
     base_config["architectures"] = [SUPPORTED_ARCHITECTURES[arch]]
     (out / "config.json").write_text(json.dumps(base_config, indent=2, default=str), encoding="utf-8")
-    emit("done", **result, epochs=epochs, train_examples=len(train), validation_examples=len(val),
-         trainable_parameters=trainable, load_s=round(load_s, 1),
-         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), threads=threads,
+    done(result, train, val, trainable, load_s, threads, epochs=epochs,
          versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__})
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m slm_app.finetune.train_llama CONFIG.json", file=sys.stderr)
-        sys.exit(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GGUF is local: never reach the hub
-    sys.exit(main(sys.argv[1]))
+    run_main(main, "slm_app.finetune.train_llama")

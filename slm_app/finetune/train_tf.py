@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from slm_app.finetune.training import batches, emit, read_examples, run_epochs, total_steps
+from slm_app.finetune.training import batches, done, emit, examples, run_epochs, run_main, total_steps
 
 PAD_TO = 16  # batch widths rounded up to a multiple: fewer distinct shapes for TensorFlow's kernels
 
@@ -47,6 +46,9 @@ def _with_lora(layer: Any, a: Any, b: Any, scale: float) -> None:
 
 
 def main(config_path: str) -> int:
+    # Before transformers is imported: the job's environment turns TensorFlow off for it (that is
+    # what the torch trainer wants); this trainer is TensorFlow's.
+    os.environ.update(USE_TF="1", USE_TORCH="0")
     cfg = json.loads(Path(config_path).read_text(encoding="utf-8"))
     threads = int(cfg.get("threads", 1))
     t_start = time.perf_counter()
@@ -83,13 +85,9 @@ def main(config_path: str) -> int:
     weights = list(factors.values())
     trainable = int(sum(np.prod(w.shape) for w in weights))
     load_s = time.perf_counter() - t_start
-    emit("status", message=f"loaded in {load_s:.1f} s; {trainable:,} trainable LoRA parameters")
-
-    train = read_examples(cfg["train_file"])
-    val = read_examples(cfg.get("validation_file", ""))
-    if not train:
-        emit("error", message="no training examples")
+    if (data := examples(cfg, trainable, t_start)) is None:
         return 2
+    train, val = data
     epochs, batch_size = int(cfg.get("epochs", 3)), int(cfg.get("batch_size", 4))
     lr = float(cfg.get("learning_rate", 1e-3))
     total = total_steps(len(train), batch_size, epochs)
@@ -136,16 +134,10 @@ def main(config_path: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_adapter(out / "adapter.npz", {k: v.numpy() for k, v in factors.items()}, rank, alpha, n_layer, n_embd,
                   base=folder.name)
-    emit("done", **result, epochs=epochs, train_examples=len(train), validation_examples=len(val),
-         trainable_parameters=trainable, load_s=round(load_s, 1),
-         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), threads=threads,
+    done(result, train, val, trainable, load_s, threads, epochs=epochs,
          versions={"tensorflow": tf.__version__, "transformers": transformers.__version__})
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m slm_app.finetune.train_tf CONFIG.json", file=sys.stderr)
-        sys.exit(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local: never reach the hub
-    sys.exit(main(sys.argv[1]))
+    run_main(main, "slm_app.finetune.train_tf")

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +37,34 @@ def batches(examples: list[dict[str, Any]], size: int, rng: random.Random | None
     if rng is not None:
         rng.shuffle(order)
     return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def examples(cfg: dict[str, Any], trainable: int, t_start: float) -> tuple[list, list] | None:
+    """Once the model is loaded: say so, and read the training and validation examples (None, with
+    an error line, when there is nothing to train on)."""
+    emit("status", message=f"loaded in {time.perf_counter() - t_start:.1f} s; {trainable:,} trainable LoRA parameters")
+    train = read_examples(cfg["train_file"])
+    if not train:
+        emit("error", message="no training examples")
+        return None
+    return train, read_examples(cfg.get("validation_file", ""))
+
+
+def done(result: dict[str, Any], train: list, val: list, trainable: int, load_s: float, threads: int,
+         versions: dict[str, str], **extra: Any) -> None:
+    """The trainer's last line: ``run_epochs``' result, the data's size, peak RSS, library versions."""
+    emit("done", **result, **extra, train_examples=len(train), validation_examples=len(val),
+         trainable_parameters=trainable, load_s=round(load_s, 1), threads=threads, versions=versions,
+         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
+def run_main(main: Callable[[str], int], module: str) -> None:
+    """``python -m module CONFIG.json``: the weights are local files, so the hub is never reached."""
+    if len(sys.argv) != 2:
+        print(f"usage: python -m {module} CONFIG.json", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main(sys.argv[1]))
 
 
 def total_steps(n_examples: int, batch_size: int, epochs: int) -> int:
