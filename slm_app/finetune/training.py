@@ -55,7 +55,19 @@ def done(result: dict[str, Any], train: list, val: list, trainable: int, load_s:
     """The trainer's last line: ``run_epochs``' result, the data's size, peak RSS, library versions."""
     emit("done", **result, **extra, train_examples=len(train), validation_examples=len(val),
          trainable_parameters=trainable, load_s=round(load_s, 1), threads=threads, versions=versions,
-         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+         peak_rss_mb=peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's VmHWM, not ``ru_maxrss``: after fork + exec that keeps the
+    parent's peak when it was higher (a trainer started by a 1.5 GB server reported 1.5 GB)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def run_main(main: Callable[[str], int], module: str) -> None:
