@@ -207,6 +207,12 @@ def test_standard_tier_learning_loop_through_the_openai_sdk(models, tmp_path) ->
         assert completion(url, model_id) == base_out  # rollback: the base's greedy output exactly
         assert completion(url, adapter) == promoted_out  # and the adapter, asked by name, is unchanged
         assert httpx.get(url + "health").json()["finetune"]["active_adapter"] == "base"
+        client.post(f"/fine_tuning/adapters/{adapter}/promote", cast_to=object)
+        assert completion(url, model_id) == promoted_out
+
+    with launch_app(settings) as app:  # a restart serves the promoted adapter again, from its file
+        assert httpx.get(app.url + "health").json()["finetune"]["active_adapter"] == adapter
+        assert completion(app.url, model_id) == promoted_out
 
 
 def test_free_tier_refuses_jobs_with_its_reason(free_app) -> None:
