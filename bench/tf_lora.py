@@ -1,6 +1,6 @@
 """What LoRA costs the TensorFlow GPT-2 backend when serving (slm_app.backends.tf_lora).
 
-    .venv/bin/python bench/tf_lora.py [--repeats 5] [--tokens 32] [--skip-124m]
+    .venv/bin/python bench/tf_lora.py [--repeats 5] [--tokens 32] [--skip-124m] [--skip-training]
 
 Per model (tiny-gpt2 float32, and a randomly initialised GPT-2 124M on the decode kernels), two
 backends in one process, interleaved round by round: ``SLM_TF_LORA_RANK=0`` (no LoRA ops compiled)
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--skip-124m", action="store_true")
     parser.add_argument("--threads", type=int, default=2, help="the trainer's threads")
+    parser.add_argument("--skip-training", action="store_true", help="the serving table only")
     args = parser.parse_args()
     cache = Path.home() / ".cache" / "slm_app"
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -165,7 +166,7 @@ def main() -> None:
                             tmp / "wide", seed=2, **dict(GPT2_124M, n_embd=256, n_layer=2, n_head=4))}
         if not args.skip_124m:
             train_models["GPT-2 124M (random)"] = models["GPT-2 124M (random)"]
-        train = training_rows(train_models, tmp, args.threads)
+        train = [] if args.skip_training else training_rows(train_models, tmp, args.threads)
     print(f"load: {load_serving:.2f} (1-min average, {os.cpu_count()} cores); {args.tokens} greedy tokens, "
           f"medians of {args.repeats} interleaved rounds\n")
     print("| model | decode ms/token, rank 0 (no LoRA ops) | rank 8, no adapter | rank 8, adapter applied "
@@ -173,6 +174,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(row)
+    if not train:
+        return
     print(f"\nTrainer, one epoch of 100 items, batch 4, rank 8, {args.threads} threads at nice 10; load after: "
           f"{os.getloadavg()[0]:.2f}\n")
     print("| model | LoRA parameters | load s | train s (100 items) | loss first → last step | peak RSS MB |")
