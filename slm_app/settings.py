@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # the same bits for 1 to 8 rows, so a lone request runs alone, weights read once per step.
     # False: XLA's own matmul (also what happens when there is no C++ compiler).
     matvec_kernel: bool = True
+    # TensorFlow backend: the rank of the LoRA factors compiled into its graphs (slm_app.backends.tf_lora),
+    # zero until an adapter is applied; adapters of rank 1..this load. 0: no LoRA ops, no fine-tuning.
+    tf_lora_rank: int = Field(default=8, ge=0, le=64)
 
     # LiteRT backend: the weights of the converted model (default: float16 on tiers with float16 weights,
     # else float32; int8 is dynamic-range quantization). Converted at set-up (slm_app.provisioning.litert).
@@ -243,6 +246,7 @@ class EngineConfig(BaseModel):
     xla: bool = True
     batch_invariant: bool = True
     matvec_kernel: bool = True
+    lora_rank: int = 0
     warmup: bool = True
     n_ctx: int = 4096
     n_threads: int | None = None
@@ -278,7 +282,7 @@ class ResolvedTier(BaseModel):
             n_slots=self.parallel, max_prompt_tokens=lim.max_prompt_tokens,
             max_new_tokens=max(lim.max_new_tokens, lim.max_structured_tokens),
             float16=self.profile.float16, xla=settings.xla, batch_invariant=settings.batch_invariant,
-            matvec_kernel=settings.matvec_kernel,
+            matvec_kernel=settings.matvec_kernel, lora_rank=settings.tf_lora_rank,
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,

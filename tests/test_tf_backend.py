@@ -24,6 +24,7 @@ import pytest
 
 from slm_app.backends.base import BackendUnavailable, Row, SamplingParams
 from slm_app.backends.tf_gpt2 import DECODE_STEPS, PREFILL_BLOCK, TFGPT2Backend
+from slm_app.backends.tf_lora import TARGETS
 from slm_app.provisioning.tiny_gpt2 import (TINY_GPT2_ID, build_offline_tiny_gpt2, build_random_gpt2,
                                             configure_tensorflow_env, offline_tiny_gpt2_dir)
 from slm_app.scheduler import Scheduler
@@ -384,7 +385,8 @@ def test_decode_kernel_gives_a_lone_row_its_batch_bits(wide: TFGPT2Backend, wide
     window = wide.info().details["buckets"]["context_windows"][0]
     lone = np.array([[rows[0].tokens[0]], [0], [rows[0].pos], [rows[0].pos], [1]], np.int32)
     hlo = wide._graph.optimized_hlo("decode", lone, window=window)
-    assert hlo.count('custom_call_target="slm_matvec"') == 4 * wide._graph.n_layer + 1  # blocks and head
+    lora = 2 * len(TARGETS) if wide._graph.lora is not None else 0  # each LoRA target's (x·A)·B (tf_lora)
+    assert hlo.count('custom_call_target="slm_matvec"') == (4 + lora) * wide._graph.n_layer + 1  # blocks and head
     assert hlo.count('custom_call_target="slm_attention"') == wide._graph.n_layer
     for slot in range(3):
         wide.release(slot)

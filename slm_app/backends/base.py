@@ -283,6 +283,9 @@ class Backend(ABC):
 
     # ---- LoRA adapters (optional; scheduler thread only, with no slot busy) -----------------------
     supports_adapters = False
+    # What fine-tuning trains for this backend (slm_app.finetune picks the trainer by it): "gguf-lora"
+    # (llama.cpp), "gpt2-lora-npz" (TensorFlow GPT-2, slm_app.backends.tf_lora), None: nothing.
+    adapter_kind: str | None = None
 
     def load_adapter(self, adapter_id: str, path: str) -> None:
         """Load an adapter file beside the base weights (``ValueError`` saying why it does not fit)."""

@@ -484,6 +484,7 @@ class LlamaCppBackend(Backend):
     # ------------------------------------------------------------------ LoRA adapters (llama_lora)
 
     supports_adapters = True
+    adapter_kind = "gguf-lora"
 
     def _adapters(self) -> LoraAdapters:
         self._check_open()

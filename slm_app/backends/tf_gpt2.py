@@ -55,6 +55,7 @@ import numpy as np
 from slm_app.backends import tf_matvec
 from slm_app.backends.base import Backend, BackendUnavailable, ModelInfo, Row, SlotLimits, StepLogits, check_row
 from slm_app.backends.gpt2_vocab import gpt2_tokenizer, token_byte_table
+from slm_app.backends.tf_lora import TFLoraAdapters
 from slm_app.provisioning.hub import ResolvedModel, resolve_hf_model
 from slm_app.provisioning.tiny_gpt2 import (RANDOM_WEIGHTS_KEY, TINY_GPT2_ID, build_offline_tiny_gpt2,
                                             configure_tensorflow_env, keras_policy, offline_tiny_gpt2_dir)
@@ -116,7 +117,7 @@ class _GPT2Graph:
     """GPT-2's forward pass in TensorFlow over the Keras model's own variables, with a slot KV cache."""
 
     def __init__(self, tf: Any, model: Any, n_slots: int, n_ctx: int, xla: bool, row_major_copies: bool = False,
-                 matvec: bool = False):
+                 matvec: bool = False, lora_rank: int = 0):
         self.tf = tf
         cfg = model.config
         gpt2 = model.transformer
@@ -171,6 +172,11 @@ class _GPT2Graph:
                         # Prefill blocks read the copies too (XLA's 32-row matmul is faster on them: a 124M
                         # prefill block 73 against 86 ms), so Keras' matrices are dropped, freed with the model.
                         block[name] = (None, block[name][1])
+        # LoRA factors (tf_lora) on the attention projections: zero until an adapter is assigned.
+        self.lora = TFLoraAdapters(tf, self.n_layer, self.n_embd, lora_rank) if lora_rank > 0 else None
+        if self.lora is not None:
+            for block, factors in zip(self.blocks, self.lora.variables):
+                block.update({f"lora_{t}": ab for t, ab in factors.items()})
         self._concrete: dict[tuple, Any] = {}
         self._functions: dict[tuple, Any] = {}
 
@@ -190,6 +196,17 @@ class _GPT2Graph:
         return self.matvec and self.xla and x.shape[0] <= MAX_DECODE_ROWS
 
     def _linear(self, x: Any, block: dict, name: str) -> Any:
+        y = self._base_linear(x, block, name)
+        lora = block.get(f"lora_{name}")
+        if lora is None:
+            return y
+        # (x·A)·B through the same kind of kernel as x·W: decode rows keep their batch invariance.
+        a_t, b_t = lora
+        if self._uses_matvec(x):
+            return y + tf_matvec.matvec(self.tf, tf_matvec.matvec(self.tf, x, a_t), b_t)
+        return y + self.tf.matmul(self.tf.matmul(x, a_t, transpose_b=True), b_t, transpose_b=True)
+
+    def _base_linear(self, x: Any, block: dict, name: str) -> Any:
         weight, bias = block[name]
         if self._uses_matvec(x):
             return tf_matvec.matvec(self.tf, x, block[f"{name}_t"]) + self._f32(bias)
@@ -440,7 +457,8 @@ class TFGPT2Backend(Backend):
         smallest = {1} if matvec else {2} | (set() if config.batch_invariant else {1})
         self._decode_rows = sorted(smallest | {max(top, min(smallest))} | {b for b in (4, 8) if b < top})
         self._graph = _GPT2Graph(self._tf, model, self._n_slots, self._n_ctx, config.xla,
-                                 row_major_copies=not config.batch_invariant and not config.float16, matvec=matvec)
+                                 row_major_copies=not config.batch_invariant and not config.float16, matvec=matvec,
+                                 lora_rank=config.lora_rank)
         # With the decode kernels the graph reads only its own row-major copies of the block matrices:
         # the Keras model is not kept, so Keras' layout of them (340 MB on 124M) is freed for the
         # process's later allocations. (RSS after load does not drop: the allocator keeps the pages.)
@@ -537,6 +555,7 @@ class TFGPT2Backend(Backend):
                 "float16": self._config.float16, "xla": g.xla if g else None,
                 "batch_invariant": self._config.batch_invariant,
                 "matvec_kernel": self._matvec_note if g is None or g.xla else "off (XLA failed: see xla_note)",
+                "lora_rank": g.lora.rank if g is not None and g.lora is not None else 0,
                 "greedy_steps_per_call": self._greedy_steps,
                 "xla_note": g.xla_note if g else "closed",
                 "buckets": {"decode_rows": self._decode_rows, "context_windows": self._windows,
@@ -691,6 +710,30 @@ class TFGPT2Backend(Backend):
             out.append(logprobs.numpy()[:n].astype(np.float64))
         self.release(0)
         return np.concatenate(out) if out else np.zeros(0)
+
+    # ---- LoRA adapters (tf_lora): applying one assigns variables, nothing is traced or compiled ----
+    adapter_kind = "gpt2-lora-npz"
+
+    @property
+    def supports_adapters(self) -> bool:  # type: ignore[override]
+        return self._graph is not None and self._graph.lora is not None
+
+    def _lora(self) -> TFLoraAdapters:
+        if self._graph is None or self._graph.lora is None:
+            raise NotImplementedError("LoRA is off (SLM_TF_LORA_RANK=0) or the backend is closed")
+        return self._graph.lora
+
+    def load_adapter(self, adapter_id: str, path: str) -> None:
+        self._lora().load(adapter_id, Path(path))
+
+    def set_adapter(self, adapter_id: str | None) -> None:
+        self._lora().set(adapter_id)
+
+    def active_adapter(self) -> str | None:
+        return self._graph.lora.active if self.supports_adapters else None
+
+    def end_of_turn_token(self) -> int | None:
+        return self._eos  # GPT-2 ends a text with <|endoftext|>
 
     def compiled_shapes(self) -> set[tuple]:
         """Shapes compiled so far (tests check that serving adds none after warm-up)."""

@@ -2,7 +2,8 @@
 
 Layout under ``SLM_DATA_DIR/finetune/adapters/``::
 
-    <job-id>/adapter.gguf    the GGUF LoRA llama.cpp loads
+    <job-id>/adapter.gguf    the GGUF LoRA llama.cpp loads (pro tier), or
+    <job-id>/adapter.npz     the TensorFlow GPT-2 LoRA (standard tier, slm_app.backends.tf_lora)
     <job-id>/card.json       base model + sha256, data manifest, hyper-parameters, metrics before and
                              after, gate verdict, times, trainer versions, status
     state.json               {"promoted": adapter id or null, "history": [earlier promoted ids]}
@@ -55,14 +56,15 @@ class AdapterRegistry:
         self._lock = threading.RLock()
 
     # ---- adapters --------------------------------------------------------------------------------
-    def add(self, job_id: str, gguf: Path, card: dict[str, Any]) -> dict[str, Any]:
-        """Move ``gguf`` in as the adapter of ``job_id`` and write its card."""
+    def add(self, job_id: str, adapter: Path, card: dict[str, Any]) -> dict[str, Any]:
+        """Move ``adapter`` (its file name kept) in as the adapter of ``job_id`` and write its card."""
         with self._lock:
             directory = self.root / job_id
             directory.mkdir(parents=True, exist_ok=True)
-            os.replace(gguf, directory / "adapter.gguf")
-            card = {**card, "size_bytes": (directory / "adapter.gguf").stat().st_size,
-                    "adapter_sha256": sha256_file(directory / "adapter.gguf")}
+            target = directory / adapter.name
+            os.replace(adapter, target)
+            card = {**card, "adapter_file": adapter.name, "size_bytes": target.stat().st_size,
+                    "adapter_sha256": sha256_file(target)}
             _write_json(directory / "card.json", card)
             return card
 
@@ -83,7 +85,7 @@ class AdapterRegistry:
         card = self.card(adapter)
         if card is None:
             raise KeyError(adapter)
-        return self.root / card["job_id"] / "adapter.gguf"
+        return self.root / card["job_id"] / card.get("adapter_file", "adapter.gguf")
 
     def update(self, adapter: str, **fields: Any) -> dict[str, Any]:
         with self._lock:

@@ -1,7 +1,7 @@
 """A fine-tuning job: its record (OpenAI's ``fine_tuning.job`` shape, kept on disk), the processes it
-runs (at low priority, cancellable) and its pipeline: tokenize → train → convert → gate → promote.
+runs (at low priority, cancellable) and its pipeline: tokenize → train → (convert) → gate → promote.
 
-The trainer and the converter import torch, so each runs as its own process: ``nice`` (Linux
+The trainers (torch, or TensorFlow) and the converter each run as their own process: ``nice`` (Linux
 scheduling priority ``SLM_FINETUNE_NICE``) and ``SLM_FINETUNE_THREADS`` threads, in a new session so
 a cancel ends it and anything it started. The trainer reports progress as JSON lines on stdout;
 each becomes the job's ``progress`` (step, loss, validation loss, ETA), a point of its loss curve
@@ -164,9 +164,10 @@ def trainer_env(threads: int) -> dict[str, str]:
     return env
 
 
-def train(job: Job, config: dict[str, Any], nice: int, cancel: threading.Event,
+def train(job: Job, trainer: str, config: dict[str, Any], nice: int, cancel: threading.Event,
           on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """Run ``slm_app.finetune.train_llama`` on ``config``; returns its final ``done`` record."""
+    """Run the trainer module (``slm_app.finetune.train_llama`` or ``train_tf``) on ``config``; returns
+    its final ``done`` record."""
     config_path = job.path / "train_config.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")
     result: dict[str, Any] = {}
@@ -189,7 +190,7 @@ def train(job: Job, config: dict[str, Any], nice: int, cancel: threading.Event,
             result.update(record)
 
     try:
-        run_process([sys.executable, "-m", "slm_app.finetune.train_llama", str(config_path)],
+        run_process([sys.executable, "-m", trainer, str(config_path)],
                     trainer_env(int(config["threads"])), nice, cancel, on_line, job.path / "trainer.log")
     except StepFailed as exc:
         raise StepFailed(errors[0] if errors else str(exc)) from None

@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from slm_app.feedback import store_for
 from slm_app.finetune import convert, data, gate
 from slm_app.finetune.adapters import AdapterRegistry, adapter_id, sha256_file
 from slm_app.finetune.jobs import BASE_LEARNING_RATE, TERMINAL, Cancelled, Job, StepFailed, run_process, train, trainer_env
+from slm_app.finetune.recipes import RECIPES, Recipe
 from slm_app.finetune.serving import BASE, AdapterRouter
 from slm_app.errors import RequestError
 from slm_app.service import GenerationService
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FEEDBACK = "feedback"  # training_file that means the app's own feedback store
 MAX_EXAMPLE_TOKENS = 512
+FREE_TRAINER_MB = 850  # the TF trainer's peak RSS on tiny-gpt2, measured (docs/fine-tuning.md): over the free host
 AUTO_POLL_S = 5.0
 DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 LIMITS = {"n_epochs": (1, 20), "batch_size": (1, 64), "learning_rate_multiplier": (1e-3, 10.0)}
@@ -96,8 +99,7 @@ class FineTuner:
                                "on the upstream server, so there is nothing here to train", param="model")
         engine = self.service.ready()
         if self.router is None or engine is None:
-            raise RequestError(f"fine-tuning needs the pro tier's llama.cpp backend (LoRA adapters); this server "
-                               f"runs {self.service.tier.backend}", param="model")
+            raise RequestError(_no_adapters_reason(self.service.tier.backend), param="model")
 
     def adapter_ids(self) -> list[str]:
         return [c["id"] for c in self.registry.cards()] if self.router is not None else []
@@ -198,7 +200,7 @@ class FineTuner:
         if suffix is not None and (not isinstance(suffix, str) or not 1 <= len(suffix) <= 40
                                    or not all(c.isalnum() or c in "-_" for c in suffix)):
             raise RequestError("suffix must be 1 to 40 letters, digits, '-' or '_'", param="suffix")
-        _trainer_ready(self.settings.cache_dir)
+        _trainer_ready(_recipe(engine), self.settings.cache_dir)
         options = data.DataOptions(seed=seed or 0)
         prepared = self._prepared(training_file, options)
         if validation_file is not None:  # the user's validation data replaces the validation split
@@ -245,33 +247,43 @@ class FineTuner:
                     "".join(json.dumps(e) + "\n" for e in splits[name]), encoding="utf-8")
             job.trained_tokens = sum(len(e["ids"]) for e in splits["train"]) * job.hyperparameters["n_epochs"]
             times["prepare_s"] = time.perf_counter() - t0
-            base_path = Path(engine.info().details["model_file"])
+            recipe = _recipe(engine)
+            details = engine.info().details
+            base_path, base_file = recipe.base_path(details), recipe.base_file(details)
+            rank, alpha = recipe.rank_alpha(details)
             t0 = time.perf_counter()
-            config = {"gguf_path": str(base_path), "out_dir": str(job.path / "peft"),
+            trained = job.path / ("peft" if recipe.convert else "lora")
+            config = {recipe.config_key: str(base_path), "out_dir": str(trained),
                       "train_file": str(job.path / "train.tokens.jsonl"),
                       "validation_file": str(job.path / "validation.tokens.jsonl"),
                       "epochs": job.hyperparameters["n_epochs"], "batch_size": job.hyperparameters["batch_size"],
                       "learning_rate": BASE_LEARNING_RATE * job.hyperparameters["learning_rate_multiplier"],
-                      "rank": 8, "alpha": 16, "threads": self.settings.finetune_threads,
+                      "rank": rank, "alpha": alpha, "threads": self.settings.finetune_threads,
                       "seed": job.hyperparameters["seed"]}
-            result = train(job, config, self.settings.finetune_nice, cancel, lambda p: self._progress(job, p))
+            result = train(job, recipe.trainer, config, self.settings.finetune_nice, cancel,
+                           lambda p: self._progress(job, p))
             times["train_s"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            job.event("Converting the LoRA to a GGUF adapter (llama.cpp's convert_lora_to_gguf.py)")
-            cmd, env = convert.convert_command(Path(self.settings.cache_dir), job.path / "peft", job.path / "adapter.gguf")
-            run_process(cmd, {**env, **trainer_env(self.settings.finetune_threads)}, self.settings.finetune_nice,
-                        cancel, lambda line: None, job.path / "convert.log")
-            times["convert_s"] = time.perf_counter() - t0
+            adapter_file = job.path / recipe.adapter_file
+            if recipe.convert:
+                t0 = time.perf_counter()
+                job.event("Converting the LoRA to a GGUF adapter (llama.cpp's convert_lora_to_gguf.py)")
+                cmd, env = convert.convert_command(Path(self.settings.cache_dir), trained, adapter_file)
+                run_process(cmd, {**env, **trainer_env(self.settings.finetune_threads)}, self.settings.finetune_nice,
+                            cancel, lambda line: None, job.path / "convert.log")
+                times["convert_s"] = time.perf_counter() - t0
+            else:
+                os.replace(trained / recipe.adapter_file, adapter_file)
             name = adapter_id(job.model, job.suffix, job.id)
             card = {"id": name, "job_id": job.id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "status": "candidate", "base_model": job.model, "base_file": base_path.name,
-                    "base_sha256": sha256_file(base_path), "data_manifest": prepared.manifest,
+                    "status": "candidate", "base_model": job.model, "base_file": base_file.name,
+                    "base_sha256": sha256_file(base_file), "data_manifest": prepared.manifest,
+                    "random_weights": engine.info().random_weights,
                     "hyperparameters": {**job.hyperparameters, **{k: config[k] for k in
                                                                   ("learning_rate", "rank", "alpha", "threads")}},
                     "trainer": {k: result.get(k) for k in ("versions", "final_loss", "val_loss", "steps",
                                                            "trainable_parameters", "peak_rss_mb", "load_s", "train_s")},
                     "times": {k: round(v, 1) for k, v in times.items()}}
-            self.registry.add(job.id, job.path / "adapter.gguf", card)
+            self.registry.add(job.id, adapter_file, card)
             job.fine_tuned_model = name
             job.save()
             self._gate(job, name, splits, prepared, cancel, times)
@@ -400,11 +412,27 @@ def _hyperparameters(given: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _trainer_ready(cache_dir: str) -> None:
-    missing = [m for m in ("torch", "peft", "gguf") if importlib.util.find_spec(m) is None]
+def _recipe(engine: Engine) -> Recipe:
+    return RECIPES[engine.backend.adapter_kind]  # type: ignore[attr-defined]
+
+
+def _no_adapters_reason(backend: str) -> str:
+    if backend == "litert":
+        return ("fine-tuning is not available on the free tier: it serves a LiteRT model without TensorFlow "
+                f"to fit a 512 MB host, and a TensorFlow LoRA trainer needs ~{FREE_TRAINER_MB} MB more; the "
+                "standard tier (TensorFlow GPT-2) and the pro tier (llama.cpp) fine-tune")
+    if backend == "tensorflow":
+        return "fine-tuning is off: SLM_TF_LORA_RANK=0 compiles the TensorFlow model without LoRA factors"
+    return f"fine-tuning needs a backend that serves LoRA adapters (tensorflow or llama.cpp); this server runs {backend}"
+
+
+def _trainer_ready(recipe: Recipe, cache_dir: str) -> None:
+    missing = [m for m in recipe.packages if importlib.util.find_spec(m) is None]
     if missing:
         raise RequestError(f"the trainer's packages are not installed ({', '.join(missing)}): run "
                            "./setup.sh --finetune", status=503)
+    if not recipe.convert:
+        return
     try:
         convert.converter_script(Path(cache_dir))
     except convert.ConverterMissing as exc:

@@ -19,38 +19,19 @@ the peft adapter (``adapter_model.safetensors``, ``adapter_config.json``) and th
 from __future__ import annotations
 
 import json
-import math
-import os
-import random
-import resource
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from slm_app.finetune.training import batches, done, emit, examples, run_epochs, run_main, total_steps
+
 # LoRA targets of the llama and gemma3 architectures in transformers (both name them alike).
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The architectures transformers can load from a GGUF (its model_type: a Gemma 3 GGUF loads as
 # gemma3_text) and the class name llama.cpp's converter maps back to a GGUF architecture.
 SUPPORTED_ARCHITECTURES = {"llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-
-
-def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def read_examples(path: str) -> list[dict[str, Any]]:
-    if not path or not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def batches(examples: list[dict[str, Any]], size: int, rng: random.Random | None) -> list[list[dict[str, Any]]]:
-    order = list(examples)
-    if rng is not None:
-        rng.shuffle(order)
-    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def collate(batch: list[dict[str, Any]], torch: Any) -> tuple[Any, Any, Any]:
@@ -95,17 +76,11 @@ def main(config_path: str) -> int:
     model = peft.get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     load_s = time.perf_counter() - t_start
-    emit("status", message=f"loaded in {load_s:.1f} s; {trainable:,} trainable LoRA parameters")
-
-    train = read_examples(cfg["train_file"])
-    val = read_examples(cfg.get("validation_file", ""))
-    if not train:
-        emit("error", message="no training examples")
+    if (data := examples(cfg, trainable, t_start)) is None:
         return 2
+    train, val = data
     epochs, batch_size = int(cfg.get("epochs", 3)), int(cfg.get("batch_size", 4))
-    rng = random.Random(int(cfg.get("seed", 0)))
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * epochs
+    total = total_steps(len(train), batch_size, epochs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=float(cfg.get("learning_rate", 1e-3)), weight_decay=0.0)
     # Linear warm-down to 10%: a few dozen steps, no warm-up needed for a zero-initialised LoRA B.
@@ -125,26 +100,18 @@ def main(config_path: str) -> int:
         model.train()
         return total_loss / max(count, 1)
 
-    step, t_train, val_loss = 0, time.perf_counter(), None
-    emit("progress", step=0, total_steps=total, epoch=0, loss=None, val_loss=validation_loss(), eta_s=None,
-         elapsed_s=round(time.perf_counter() - t_start, 1))
+    def step(b: list[dict[str, Any]]) -> float:
+        ids, mask, labels = collate(b, torch)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
     model.train()
-    for epoch in range(1, epochs + 1):
-        for b in batches(train, batch_size, rng):
-            ids, mask, labels = collate(b, torch)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % steps_per_epoch == 0:
-                val_loss = validation_loss()
-            per_step = (time.perf_counter() - t_train) / step
-            emit("progress", step=step, total_steps=total, epoch=epoch, loss=round(float(loss.detach()), 5),
-                 val_loss=None if val_loss is None else round(val_loss, 5), eta_s=round(per_step * (total - step), 1),
-                 elapsed_s=round(time.perf_counter() - t_start, 1))
+    result = run_epochs(train, epochs, batch_size, int(cfg.get("seed", 0)), step, validation_loss, t_start)
 
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
@@ -153,17 +120,10 @@ def main(config_path: str) -> int:
     base_config = model.base_model.model.config.to_dict()
     base_config["architectures"] = [SUPPORTED_ARCHITECTURES[arch]]
     (out / "config.json").write_text(json.dumps(base_config, indent=2, default=str), encoding="utf-8")
-    emit("done", steps=step, epochs=epochs, train_examples=len(train), validation_examples=len(val),
-         final_loss=round(float(loss.detach()), 5), val_loss=None if val_loss is None else round(val_loss, 5),
-         trainable_parameters=trainable, load_s=round(load_s, 1), train_s=round(time.perf_counter() - t_train, 1),
-         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), threads=threads,
+    done(result, train, val, trainable, load_s, threads, epochs=epochs,
          versions={"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__})
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m slm_app.finetune.train_llama CONFIG.json", file=sys.stderr)
-        sys.exit(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GGUF is local: never reach the hub
-    sys.exit(main(sys.argv[1]))
+    run_main(main, "slm_app.finetune.train_llama")

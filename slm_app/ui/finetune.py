@@ -27,6 +27,16 @@ def _bar(progress: dict[str, Any]) -> str:
             f"validation loss {progress.get('val_loss')}" + (f" · ETA {eta:.0f} s" if eta is not None else ""))
 
 
+RANDOM_WEIGHTS_NOTE = ("This model has random weights (no trained GPT-2 is available offline): an adapter "
+                       "trained on it shows the mechanism, not quality. The loss, the gate, swap and rollback are "
+                       "real; its answers mean nothing.")
+
+
+def _note(service: GenerationService) -> str | None:
+    engine = service.engine
+    return RANDOM_WEIGHTS_NOTE if engine is not None and engine.info().random_weights else None
+
+
 def build_finetune_tab(service: GenerationService) -> None:
     tuner = tuner_for(service)
 
@@ -36,7 +46,7 @@ def build_finetune_tab(service: GenerationService) -> None:
         return {"feedback": tuner.feedback.counts(), "new_qualifying_feedback": tuner.new_feedback(),
                 "auto_after": service.settings.finetune_after, "auto": service.settings.finetune_auto,
                 "job": jobs[0].public() if jobs else None, "adapters": tuner.registry.cards(),
-                **tuner.registry.state()}
+                "note": _note(service), **tuner.registry.state()}
 
     @user_errors
     def start(source: str, upload: str | None, n_epochs: float, lr_multiplier: float, batch_size: float,
@@ -92,6 +102,8 @@ def build_finetune_tab(service: GenerationService) -> None:
                  + (f"(a job starts by itself at {service.settings.finetune_after})" if service.settings.finetune_auto
                     else "(automatic jobs are off)"),
                  f"**Served:** `{(tuner.router.promoted if tuner.router else None) or 'base model'}`"]
+        if (note := _note(service)) is not None:
+            lines.insert(0, f"⚠️ {note}")
         if job is not None:
             lines.append(f"**Job** `{job.id}`: {job.status}" + (f" — {job.error['message']}" if job.error else ""))
             lines.append(_bar(job.progress))
@@ -117,8 +129,8 @@ def build_finetune_tab(service: GenerationService) -> None:
 
     with gr.Tab("Fine-tune"):
         gr.Markdown("Teach the served model from rated answers: a LoRA adapter trained in a background process "
-                    "(low priority), checked by an evaluation gate, then served without a restart. Pro tier "
-                    "(llama.cpp) only.")
+                    "(low priority), checked by an evaluation gate, then served without a restart. Standard "
+                    "(TensorFlow GPT-2) and pro (llama.cpp) tiers; the free tier cannot (memory).")
         summary = gr.Markdown()
         with gr.Row():
             source = gr.Radio(["feedback", "file"], value="feedback", label="Training data")
