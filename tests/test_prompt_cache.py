@@ -236,6 +236,53 @@ def test_gemma_reuses_past_its_sliding_window(offline) -> None:
         s.close()
 
 
+@pytest.mark.llama
+def test_a_stream_per_slot_keeps_and_copies_prefixes(offline) -> None:
+    """SLM_KV_UNIFIED=false: each slot its own KV stream (as llama-server -np). A turn reuses its slot's
+    prefix and answers as cold; a copy between streams (the whole stream, then the tail dropped) gives
+    the logits a cold prefill gives."""
+    from slm_app.backends.llama_cpp_backend import LlamaCppBackend
+
+    s = Scheduler(LlamaCppBackend.load(llama_config("embedded:smollm2-135m-instruct", n_ctx=4096, n_slots=2,
+                                                    kv_unified=False)))
+    try:
+        b = s.backend
+        assert s.limits.max_step_tokens >= 512
+        assert s.limits.max_sequence_tokens == 2048 and b.info().n_ctx == 2048
+        system = {"role": "system", "content": "Answer from this document.\n" + DOCUMENT[:1200]}
+        first = chat(s, [system, {"role": "user", "content": "What is rule 3?"}])
+        other = chat(s, [system, {"role": "user", "content": "Which lamp is amber?"}])
+        common = next(i for i, (x, y) in enumerate(zip(first, other)) if x != y)
+
+        def logits(run) -> np.ndarray:
+            def call(backend):
+                out = run(backend).row(0).copy()
+                backend.release(0), backend.release(1)
+                return out
+            return s.call_exclusive(call)
+
+        cold_logits = logits(lambda bk: bk.forward([Row(1, tuple(other), 0, True, prompt=True)]))
+
+        def copied(bk):
+            bk.forward([Row(0, tuple(first), 0, True, prompt=True)])
+            assert bk.copy_prefix(0, 1, common)
+            return bk.forward([Row(1, tuple(other[common:]), common, True, prompt=True)])
+
+        warm_logits = logits(copied)
+        assert int(np.argmax(warm_logits)) == int(np.argmax(cold_logits))
+        np.testing.assert_allclose(warm_logits, cold_logits, atol=0.05)  # other chunk shapes: rounding only
+
+        s.call_exclusive(lambda backend: None)
+        turn1 = run(s, first)[0]
+        turn2 = first + b.tokenize(turn1.text + "\nAnd rule 4?")
+        again, got = answer_tokens(s, turn2)
+        assert again.cached_tokens >= len(first), (again.cached_tokens, len(first))
+        s.call_exclusive(lambda backend: None)
+        same_or_near_tie(s, turn2, got, answer_tokens(s, turn2)[1])
+    finally:
+        s.close()
+
+
 # ---- TensorFlow: bit for bit ------------------------------------------------------------------------
 
 @pytest.fixture
