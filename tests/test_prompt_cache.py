@@ -404,3 +404,78 @@ def test_chat_tab_second_turn_is_served_from_the_cache(pro_apps) -> None:
     after = _health(warm)["prompt_cache"]["cached_tokens"]
     assert after - before > 200  # the second turn reused the document and the first exchange
     assert answers == conversation(cold_app)
+
+
+LAMP = {"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue", "green", "amber"]},
+                                         "step": {"type": "integer"}},
+        "required": ["colour", "step"], "additionalProperties": False}
+LOOKUP = [{"type": "function", "function": {"name": "lookup_rule", "description": "Look a rule up by number",
+                                            "parameters": {"type": "object", "properties": {"rule": {"type": "integer"}},
+                                                           "required": ["rule"]}}}]
+
+
+def _two_turns(pro_apps, extra: dict, answer) -> None:
+    """Turn 1, then turn 2 resending it: turn 2 reports cached tokens and answers as the cache-off app."""
+    from openai import OpenAI
+
+    warm, cold_app = pro_apps
+    sdk, reference = (OpenAI(base_url=a.url.rstrip("/") + "/v1", api_key="unused", max_retries=0)
+                      for a in (warm, cold_app))
+    model = sdk.models.list().data[0].id
+    messages = [{"role": "system", "content": "You answer from this document.\n" + DOCUMENT[:1200]},
+                {"role": "user", "content": "Which lamp does rule 6 name, and its step?"}]
+    first = sdk.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48, **extra)
+    messages += [answer(first), {"role": "user", "content": "And rule 9?"}]
+    second = sdk.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48, **extra)
+    want = reference.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48, **extra)
+    # The document and turn 1 came from the cache: far more than another test's template opening.
+    assert second.usage.prompt_tokens_details.cached_tokens > 200, second.usage
+    assert want.usage.prompt_tokens_details.cached_tokens == 0
+    got, ref = second.choices[0].message, want.choices[0].message
+    assert got.content == ref.content
+    assert [(c.function.name, c.function.arguments) for c in got.tool_calls or []] == \
+        [(c.function.name, c.function.arguments) for c in ref.tool_calls or []]
+
+
+@pytest.mark.llama
+def test_structured_output_second_turn_is_cached_and_answers_as_cold(pro_apps) -> None:
+    _two_turns(pro_apps, {"response_format": {"type": "json_schema", "json_schema": {"name": "lamp", "schema": LAMP}}},
+               lambda first: {"role": "assistant", "content": first.choices[0].message.content})
+
+
+@pytest.mark.llama
+def test_tool_call_second_turn_is_cached_and_answers_as_cold(pro_apps) -> None:
+    def answer(first) -> dict:
+        message = first.choices[0].message
+        if not message.tool_calls:
+            return {"role": "assistant", "content": message.content}
+        return {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in message.tool_calls]}
+
+    _two_turns(pro_apps, {"tools": LOOKUP, "tool_choice": "required"}, answer)
+
+
+@pytest.mark.llama
+def test_more_conversations_than_the_cache_holds_are_all_served(offline) -> None:
+    """Over HTTP, five conversations at once on four slots and 1024 cells: everyone gets an answer,
+    and /metrics counts the evicted prefixes."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+    from conftest import launch_app
+
+    with launch_app(Settings(tier="pro", n_threads=1, flash_attn="off", n_ctx=1024, max_prompt_tokens=512,
+                             max_new_tokens=32)) as app:
+        url = app.url.rstrip("/") + "/v1/chat/completions"
+        model = httpx.get(app.url.rstrip("/") + "/v1/models", timeout=30).json()["data"][0]["id"]
+
+        def converse(i: int) -> list[int]:
+            messages = [{"role": "system", "content": f"Conversation {i}. " + DOCUMENT[i * 40: i * 40 + 900]},
+                        {"role": "user", "content": "Summarise."}]
+            body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": 16}
+            return [httpx.post(url, json=body, timeout=600).status_code for _ in range(2)]
+
+        with ThreadPoolExecutor(5) as pool:
+            statuses = list(pool.map(converse, range(5)))
+        assert statuses == [[200, 200]] * 5
+        metrics = httpx.get(app.url.rstrip("/") + "/metrics", timeout=30).text
+        evictions = next(x for x in metrics.splitlines() if x.startswith("slm_prompt_cache_evictions_total "))
+        assert float(evictions.split()[-1]) >= 1, evictions
