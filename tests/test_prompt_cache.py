@@ -113,7 +113,8 @@ def test_different_system_prompts_share_only_their_common_tokens(smol: Scheduler
     s.call_exclusive(lambda backend: None)
     run(s, a)
     answer, _ = run(s, b)
-    assert answer.cached_tokens == common  # the template's opening, never the other system prompt
+    # At most the template's opening (too little to take the other's slot for), never the other system prompt.
+    assert answer.cached_tokens <= common
     assert answer.text == cold(s, b).text
 
 
