@@ -112,10 +112,12 @@ def test_different_system_prompts_share_only_their_common_tokens(smol: Scheduler
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
     s.call_exclusive(lambda backend: None)
     run(s, a)
-    answer, _ = run(s, b)
+    answer, got = answer_tokens(s, b)
     # At most the template's opening (too little to take the other's slot for), never the other system prompt.
     assert answer.cached_tokens <= common
-    assert answer.text == cold(s, b).text
+    # In another slot than a cold run's, its cells sit at other indices: near ties may part (see the docs).
+    s.call_exclusive(lambda backend: None)
+    same_or_near_tie(s, b, got, answer_tokens(s, b)[1])
 
 
 @pytest.mark.llama
