@@ -9,9 +9,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Callable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from slm_app import memory
 
@@ -88,5 +91,32 @@ class Metrics:
             "uptime_s": round(time.time() - self.started, 1),
         }
 
+    def watch_prompt_cache(self, stats: Callable[[], dict | None]) -> None:
+        """Export the prompt cache's own counters, read from ``stats()`` (the engine's, None without one)."""
+        self.registry.register(_PromptCacheCollector(stats))
+
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _PromptCacheCollector(Collector):
+    """The prompt cache's evictions, copies and cells, as the scheduler counts them, at each scrape."""
+
+    def __init__(self, stats: Callable[[], dict | None]):
+        self._stats = stats
+
+    def collect(self) -> Iterator:
+        stats = self._stats() or {}
+        for name, key, what in (("slm_prompt_cache_evictions", "evictions", "Cached prefixes evicted to make room"),
+                                ("slm_prompt_cache_copies", "copies", "Prefixes copied from another slot")):
+            family = CounterMetricFamily(name, what)
+            if key in stats:
+                family.add_metric([], stats[key])
+            yield family
+        cells = GaugeMetricFamily("slm_prompt_cache_cells", "KV cells holding cached or running tokens")
+        if "cells_in_use" in stats:
+            cells.add_metric([], stats["cells_in_use"])
+        yield cells
+
+    def describe(self) -> Iterator:
+        return iter(())  # collected lazily: the engine loads after the registry exists

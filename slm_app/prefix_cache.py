@@ -33,6 +33,10 @@ from slm_app.backends.base import SlotLimits
 SHARE_MIN_TOKENS = 16
 # Wait for a request still prefilling a common prefix only when that saves at least this many tokens.
 WAIT_MIN_TOKENS = 64
+# A free slot is taken for the prefix it shares with a request only when that is at least this share of
+# what it holds (llama-server's slot_prompt_similarity): otherwise a chat template's first few tokens
+# would make a new conversation overwrite another's cached one while empty slots wait.
+SIMILARITY_MIN = 0.1
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -169,8 +173,13 @@ class PrefixCache:
         if not free:
             return None
         gain = {i: self.usable(i, prompt, namespace) for i in range(len(self.entries))}
-        # The free slot to use: the longest reuse; else the least valuable (empty, then least recently used).
-        slot = max(free, key=lambda i: (gain[i], not self.entries[i].tokens, -self.entries[i].last_used))
+
+        def worth(i: int) -> int:
+            return gain[i] if gain[i] >= SIMILARITY_MIN * len(self.entries[i].tokens) else 0
+
+        # The free slot to use: the longest reuse worth keeping; else the least valuable (empty, then
+        # least recently used).
+        slot = max(free, key=lambda i: (worth(i), not self.entries[i].tokens, -self.entries[i].last_used))
         reuse, copy_from, wait_for = gain[slot], None, None
         donor = max((i for i in gain if i != slot), key=lambda i: gain[i], default=None)
         if donor is not None and gain[donor] >= reuse + SHARE_MIN_TOKENS:

@@ -102,6 +102,7 @@ class GenerationService:
         guard = self.memory_guard
         Gauge("slm_memory_guard_refusing", "1 while the memory guard refuses new requests",
               registry=self.metrics.registry).set_function(lambda: float(guard.refusal() is not None))
+        self.metrics.watch_prompt_cache(lambda: self.engine.prompt_cache() if self.engine is not None else None)
         if guard.limit_mb is not None:
             Gauge("slm_memory_guard_limit_bytes", "RSS at which the memory guard refuses new requests",
                   registry=self.metrics.registry).set(guard.limit_mb * 1024 * 1024)

@@ -195,6 +195,10 @@ class Settings(BaseSettings):
     chat_template: bool = True  # use the GGUF's chat template when it has one
     # llama.cpp's flash attention: "auto" (llama-server's default) lets llama.cpp use it where it can.
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    # The KV cells: shared by every slot (true: one sequence may use all of SLM_N_CTX), or SLM_N_CTX /
+    # SLM_PARALLEL per slot as llama-server -np does (false: attention reads only the slot's own cells,
+    # not those of the other slots' cached conversations; docs/prompt-cache.md measures both).
+    kv_unified: bool = True
 
     # Remote backend: an OpenAI-compatible server (llama-server, vLLM, TGI, Ollama...) does the work.
     remote_url: str | None = None  # base URL of its /v1, e.g. http://127.0.0.1:8080/v1
@@ -255,6 +259,7 @@ class EngineConfig(BaseModel):
     use_mlock: bool = False
     chat_template: bool = True
     flash_attn: Literal["auto", "on", "off"] = "auto"
+    kv_unified: bool = True
     fake_step_ms: float = 0.0
     litert_weights: LiteRTWeights = "float32"
     litert_xnnpack: bool | None = None
@@ -286,6 +291,7 @@ class ResolvedTier(BaseModel):
             warmup=settings.warmup, n_ctx=settings.n_ctx,
             n_threads=settings.n_threads, n_batch=settings.n_batch, use_mmap=settings.use_mmap,
             use_mlock=settings.use_mlock, chat_template=settings.chat_template, flash_attn=settings.flash_attn,
+            kv_unified=settings.kv_unified,
             fake_step_ms=settings.fake_step_ms, litert_weights=litert_weights(self.profile, settings),
             litert_xnnpack=settings.litert_xnnpack, prompt_cache=settings.prompt_cache)
 

@@ -376,6 +376,7 @@ class ToolAnswer:
     content: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # every attempt of the engine
+    cached_tokens: int | None = None  # prompt tokens from the prompt cache (None: not counted)
     raw_text: str = ""
     details: dict[str, Any] = field(default_factory=dict)  # the structured engine's result, for the UI
 
@@ -410,7 +411,7 @@ def call_tools(service: GenerationService, tool_set: ToolSet, turns: list[dict[s
         # The tools' schemas were vetted one by one: what is left is the whole not fitting the budget.
         raise RequestError("tools: " + exc.message.removeprefix("schema: "), exc.status, "tools") from None
     base = dict(prompt_tokens=prepared.n_tokens, completion_tokens=result.tokens, raw_text=result.raw_text,
-                details=result.to_api())
+                details=result.to_api(), cached_tokens=result.cached_tokens)
     if not result.success:
         if result.outcome is structured.Outcome.TRUNCATED:
             return ToolAnswer("length", content=result.raw_text, **base)

@@ -100,3 +100,15 @@ def test_a_request_waits_only_for_running_requests_never_for_cached_ones() -> No
     c.finish(plan.slot)  # now only cached: evicted for the newcomer
     late = c.plan(list(range(1000, 1300)), "base", 300, set())
     assert late is not None and (late.slot == plan.slot or late.evict == (plan.slot,))
+
+
+def test_a_few_common_tokens_never_overwrite_another_conversation_while_a_slot_is_empty() -> None:
+    """Every chat starts with the template's few tokens: a new conversation takes an empty slot rather
+    than a slot whose long cached conversation it shares only those with (llama-server's similarity)."""
+    c = cache()
+    opening = [1, 2, 3]
+    first = served(c, opening + list(range(100, 400)))
+    second = served(c, opening + list(range(1000, 1300)))
+    assert second != first and len(c.entries[first].tokens) == 303
+    # A long enough share (here the whole conversation so far) still goes to its slot.
+    assert c.plan(opening + list(range(100, 400)) + [9], "base", 400, set()).slot == first

@@ -1,8 +1,12 @@
 """The pro tier's backend: a GGUF model run in-process by llama.cpp (llama-cpp-python's C API).
 
 One llama.cpp context serves every slot: it is created with ``n_seq_max`` = the scheduler's slots
-and a *unified* KV cache of ``n_ctx`` cells that the slots share (a slot is a llama.cpp sequence id),
-so one sequence may grow to the whole context while the others are short. ``forward`` puts every
+(a slot is a llama.cpp sequence id) and ``n_ctx`` KV cells, either *unified* (``SLM_KV_UNIFIED``
+true, the default: the slots share the cells, so one sequence may grow to the whole context while the
+others are short) or split into one stream of ``n_ctx / slots`` cells per slot, as ``llama-server
+-np N`` runs. Attention reads every used cell of the stream a row's slot is in, masked or not: in the
+unified cache that includes the cells other slots' cached prefixes hold (measured in
+docs/prompt-cache.md), in a slot's own stream only its own. ``forward`` puts every
 row of a scheduler step (one token per decoding slot, a prompt chunk per prefilling slot) into ONE
 ``llama_batch`` and runs one ``llama_decode``; the logits of a row are read in place from llama.cpp's
 output buffer (a numpy view, never copied). This is how ``llama-server`` runs its slots.
@@ -24,6 +28,7 @@ header checks); this module only loads what it is given.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
 import threading
@@ -151,6 +156,8 @@ class LlamaCppBackend(Backend):
         self._vocab = model.vocab
         self._n_vocab = model.n_vocab()
         self._n_ctx = C.llama_n_ctx(ctx.ctx)
+        self._n_ctx_seq = C.llama_n_ctx_seq(ctx.ctx)  # = n_ctx when unified; n_ctx / slots otherwise
+        self._unified = config.kv_unified
         self._n_batch = C.llama_n_batch(ctx.ctx)
         self._n_slots = config.n_slots
         self._memory = C.llama_get_memory(ctx.ctx)
@@ -222,6 +229,10 @@ class LlamaCppBackend(Backend):
                 f"llama.cpp could not load {resolved.path} ({exc}); the file is a complete GGUF, so its "
                 f"architecture ({summary.metadata.get('general.architecture', '?')}) or tensor types may be "
                 f"unsupported by llama-cpp-python {llama_cpp.__version__}, or memory ran out") from exc
+        if not config.kv_unified and config.n_ctx // config.n_slots < 256:
+            model.close()
+            raise BackendUnavailable(f"SLM_KV_UNIFIED=false gives each of {config.n_slots} slots "
+                                     f"{config.n_ctx // config.n_slots} cells; raise SLM_N_CTX or lower SLM_PARALLEL")
         cparams = C.llama_context_default_params()
         cparams.n_ctx = config.n_ctx
         # Every decoding slot adds a token to a step: the batch must hold one per slot at least.
@@ -229,7 +240,8 @@ class LlamaCppBackend(Backend):
         cparams.n_ubatch = cparams.n_batch
         cparams.n_threads = cparams.n_threads_batch = n_threads
         cparams.n_seq_max = config.n_slots
-        cparams.kv_unified = True  # the slots share n_ctx cells instead of n_ctx / n_slots each
+        # Unified: the slots share n_ctx cells instead of having n_ctx / n_slots each (SLM_KV_UNIFIED).
+        cparams.kv_unified = config.kv_unified
         # SLM_FLASH_ATTN: "auto" as llama-server does (llama.cpp enables it where the backend supports it).
         cparams.flash_attn_type = {"auto": C.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": C.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                                    "off": C.LLAMA_FLASH_ATTN_TYPE_DISABLED}[config.flash_attn]
@@ -239,6 +251,7 @@ class LlamaCppBackend(Backend):
             model.close()
             raise BackendUnavailable(f"llama.cpp could not create a context of {config.n_ctx} cells for "
                                      f"{config.n_slots} slots ({exc}); lower SLM_N_CTX or SLM_PARALLEL") from exc
+
         backend = cls(model, ctx, resolved, embedded, summary, config, n_threads, time.perf_counter() - t0)
         if config.warmup:
             backend.forward([Row(0, backend.tokenize("Hello")[:1], 0, True)])  # fault the weights in
@@ -264,7 +277,8 @@ class LlamaCppBackend(Backend):
             "gguf_chat_template": bool(self._template),
             "n_threads": self._n_threads,
             "n_batch": self._n_batch,
-            "kv_unified": True,
+            "kv_unified": self._unified,
+            "kv_cells": self._n_ctx,
             "use_mmap": self._config.use_mmap,
             "use_mlock": self._config.use_mlock,
             "load_time_s": round(self._load_time_s, 3),
@@ -286,7 +300,7 @@ class LlamaCppBackend(Backend):
             random_weights=False,
             chat_template=self._chat_formatter is not None,
             vocab_size=self._n_vocab,
-            n_ctx=self._n_ctx,
+            n_ctx=self._n_ctx_seq,
             n_slots=self._n_slots,
             details=details,
         )
@@ -302,7 +316,7 @@ class LlamaCppBackend(Backend):
         return "not declared in the GGUF: see the model's card"
 
     def limits(self) -> SlotLimits:
-        return SlotLimits(n_slots=self._n_slots, max_sequence_tokens=self._n_ctx, kv_cells=self._n_ctx,
+        return SlotLimits(n_slots=self._n_slots, max_sequence_tokens=self._n_ctx_seq, kv_cells=self._n_ctx,
                           max_step_tokens=self._n_batch)
 
     @property
@@ -375,12 +389,18 @@ class LlamaCppBackend(Backend):
     # ------------------------------------------------------------------ the model
 
     def forward(self, rows: Sequence[Row]) -> StepLogits:
-        """One llama_batch with every row (sequence id = slot), one llama_decode."""
+        """One llama_batch with every row (sequence id = slot), one llama_decode.
+
+        With a stream per slot llama.cpp splits a batch into micro-batches of consecutive sequence
+        ids: rows go in slot order so that one step stays one micro-batch where it can."""
         self._check_open()
         n = 0
-        batch_index: list[int] = []
+        batch_index: list[int] = [0] * sum(row.logits for row in rows)
+        outputs = list(itertools.accumulate((row.logits for row in rows), initial=0))  # output row of each row
+        order = range(len(rows)) if self._unified else sorted(range(len(rows)), key=lambda r: rows[r].slot)
         seen: set[int] = set()
-        for row in rows:
+        for r in order:
+            row = rows[r]
             if not 0 <= row.slot < self._n_slots or row.slot in seen:
                 raise ValueError(f"bad slot {row.slot} in a step (slots 0..{self._n_slots - 1}, each once)")
             seen.add(row.slot)
@@ -395,7 +415,7 @@ class LlamaCppBackend(Backend):
                 self._b_seq[i][0] = row.slot
             if row.logits:
                 self._b_logits[end - 1] = 1
-                batch_index.append(end - 1)
+                batch_index[outputs[r]] = end - 1
             n = end
         self._batch.n_tokens = n
         rc = self._C.llama_decode(self._ctx.ctx, self._batch)
@@ -421,13 +441,18 @@ class LlamaCppBackend(Backend):
 
     def copy_prefix(self, src: int, dst: int, n: int) -> bool:
         """``dst`` gets ``src``'s cells 0..n-1 (``llama_memory_seq_cp``): in the unified cache the
-        cells are shared, not duplicated, and each sequence writes its own cells from ``n`` on."""
+        cells are shared, not duplicated, and each sequence writes its own cells from ``n`` on. Between
+        streams llama.cpp copies only whole streams (a memory copy at the next decode; anything else
+        aborts the process): the whole of ``src`` is copied, then ``dst`` drops what follows ``n``."""
         self._check_open()
         if not self._holds(src, n):
             return False
         self.release(dst)
-        self._C.llama_memory_seq_cp(self._memory, src, dst, 0, n)
-        return True
+        if self._unified:
+            self._C.llama_memory_seq_cp(self._memory, src, dst, 0, n)
+            return True
+        self._C.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+        return bool(self._C.llama_memory_seq_rm(self._memory, dst, n, -1))
 
     def _holds(self, slot: int, n: int) -> bool:
         """The slot has every position 0..n-1. A sliding-window cache that is not full-size
@@ -445,8 +470,8 @@ class LlamaCppBackend(Backend):
         batch size, or fewer rows when the vocabulary is wide: see ``SCORE_LOGITS_BYTES``)."""
         self._check_open()
         tokens = [int(t) for t in tokens]
-        if len(tokens) > self._n_ctx:
-            raise ValueError(f"{len(tokens):,} tokens to score; one sequence holds {self._n_ctx:,}")
+        if len(tokens) > self._n_ctx_seq:
+            raise ValueError(f"{len(tokens):,} tokens to score; one sequence holds {self._n_ctx_seq:,}")
         out = np.empty(max(len(tokens) - 1, 0), dtype=np.float64)
         if len(tokens) < 2:
             return out

@@ -59,6 +59,8 @@ class StructuredResult:
     tokens: int  # generated tokens over all attempts
     raw_text: str = ""  # the last attempt's output, valid or not
     details: dict[str, Any] = field(default_factory=dict)  # what the engine's plan adds (upstream_format)
+    # Prompt tokens the first attempt took from the prompt cache (None: not counted, a remote engine).
+    cached_tokens: int | None = None
 
     @property
     def success(self) -> bool:
@@ -189,6 +191,7 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     # Greedy decoding gives the same tokens whatever the seed: a retry could only repeat itself.
     tries = max(1, attempts) if temperature > 0 else 1
     tokens, raw, verdict, attempt = 0, "", Verdict(Outcome.STOPPED, None, "no attempt was made"), 0
+    cached: int | None = None
     while attempt < tries:
         constraint = plan.new_constraint()
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -197,6 +200,8 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
         if plan.ask_another_way(seq):
             continue  # not an attempt: the engine never generated
         raise_failure(seq)
+        if attempt == 0:
+            cached = seq.cached_tokens
         attempt += 1
         tokens += seq.completion_tokens
         raw = seq.text
@@ -206,7 +211,7 @@ def generate_structured(runner: StructuredRunner, prompt: str, schema_text: str,
     return StructuredResult(outcome=verdict.outcome, data=verdict.data, error=verdict.error,
                             relaxed=plan.relaxed, model_used=runner.model_id,
                             inference_time_ms=(time.perf_counter() - start) * 1000, tokens=tokens, raw_text=raw,
-                            details=dict(plan.details))
+                            details=dict(plan.details), cached_tokens=cached)
 
 
 M = TypeVar("M", bound=BaseModel)

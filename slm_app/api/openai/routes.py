@@ -151,7 +151,7 @@ def register_routes(app: FastAPI, service: GenerationService) -> None:
             return await respond.answer_calls(answer, bool(body.stream))
         text = Completion(text=answer.content or "", prompt_tokens=answer.prompt_tokens,
                           completion_tokens=answer.completion_tokens, finish_reason=answer.finish_reason,
-                          seed=params.seed or 0)
+                          seed=params.seed or 0, cached_tokens=answer.cached_tokens)
         respond.steps = _single([text])
         return await respond.answer(bool(body.stream))
 

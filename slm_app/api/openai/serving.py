@@ -79,6 +79,12 @@ def _finish_reason(seq: Completion, params: SamplingParams) -> str:
     return "stop"
 
 
+def _cached(cached: int | None, prompt_tokens: int) -> int | None:
+    """Cached tokens of a structured prompt (the conversation plus the schema instruction), within the
+    conversation's tokens that usage reports as the prompt."""
+    return None if cached is None else min(cached, prompt_tokens)
+
+
 def _usage(seqs: list[Completion]) -> dict[str, Any]:
     prompt = sum(s.prompt_tokens for s in seqs)
     completion = sum(s.completion_tokens for s in seqs)
@@ -122,8 +128,10 @@ class OpenAIAnswer:
 
     async def answer_calls(self, answer: tools.ToolAnswer, stream: bool) -> dict[str, Any] | Response:
         """The model's tool calls as OpenAI returns them (``finish_reason: "tool_calls"``)."""
-        usage = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+        usage: dict[str, Any] = {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+        if answer.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": answer.cached_tokens}
         if not stream:
             message = {"role": "assistant", "content": None, "tool_calls": [c.to_openai() for c in answer.calls]}
             return self.envelope(self.kind.object, [{"index": 0, "message": message, "logprobs": None,
@@ -131,7 +139,7 @@ class OpenAIAnswer:
         return StreamingResponse(self._call_events(answer.calls, usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _call_events(self, calls: tuple[tools.ToolCall, ...], usage: dict[str, int]) -> AsyncIterator[str]:
+    async def _call_events(self, calls: tuple[tools.ToolCall, ...], usage: dict[str, Any]) -> AsyncIterator[str]:
         def delta(body: dict[str, Any], finish: str | None = None) -> str:
             return self._chunk([{"index": 0, "delta": body, "logprobs": None, "finish_reason": finish}])
 
@@ -279,7 +287,8 @@ class OpenAIServing:
                                param="response_format")
         # "tokens" counts every attempt the engine made: all of them were generated, so all are usage.
         return [Completion(text=text, prompt_tokens=prompt.n_tokens, completion_tokens=result.tokens,
-                           finish_reason=finish, seed=params.seed or 0)]
+                           finish_reason=finish, seed=params.seed or 0, cached_tokens=_cached(result.cached_tokens,
+                                                                                           prompt.n_tokens))]
 
     def tool_set_of(self, body: ChatRequest) -> tools.ToolSet:
         return tools.parse_tools(None if body.tools is None else [t.model_dump() for t in body.tools],
