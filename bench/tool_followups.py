@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -222,6 +223,8 @@ def main() -> None:
     from slm_app.provisioning.embedded import smollm2_gguf
 
     gguf = str(smollm2_gguf())
+    # A stopped run (SIGTERM) still stops llama-server and the app: the ExitStack below unwinds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     servers: list[tuple[openai.OpenAI, str, str]] = []
     with contextlib.ExitStack() as stack:
         if args.only != "llama-server":
