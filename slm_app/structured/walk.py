@@ -226,7 +226,8 @@ def _string_hints(schema: dict) -> WalkHints:
     def quoted(items: Sequence[str]) -> tuple[bytes, ...]:
         return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in dict.fromkeys(items))
 
-    return WalkHints(quoted(specific), tuple(sorted(lengths)[:_MAX_FILLED]), quoted(names[:_MAX_KEY_HINTS]))
+    keys = list(dict.fromkeys(names))[:_MAX_KEY_HINTS]
+    return WalkHints(quoted(specific), tuple(sorted(lengths)[:_MAX_FILLED]), quoted(keys))
 
 
 # Full-mask look-ups one walk may make, and for how long: bounds its cost (a mask costs up to a few ms
@@ -346,7 +347,8 @@ def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limi
                     pos.feed(facts.token_bytes[t])
                 recent.clear()
                 continue
-        token = next((t for t in (facts.preferred if pos.in_string else facts.outside) if recent[t] < 2 and not _repeats_key(pos, facts, t)
+        order = facts.preferred if pos.in_string else facts.outside
+        token = next((t for t in order if recent[t] < 2 and not _repeats_key(pos, facts, t)
                       and m.try_consume_tokens([t]) == 1), None)
         if token is None:
             masks += 1
