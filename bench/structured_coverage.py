@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/structured_coverage.py [--tier free|standard|pro] [--backend fake|tensorflow|llama.cpp]
         [--model ID] [--limit N] [--max-tokens N] [--schemas DIR] [--attempts N] [--json OUT]
-        [--jobs N] [--speed-every K]
+        [--jobs N] [--speed-every K] [--seed S]
 
 Runs each schema of ../shared/schemas/jsonschemabench-dev through the app's own path: a
 ``GenerationService`` (tier limits, the scheduler, its slots and sampler) and
@@ -158,7 +158,7 @@ def interoperable(raw: str) -> bool:
 
 
 def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: int, steer: bool = True,
-            speed: bool = True) -> dict[str, Any]:
+            speed: bool = True, seed: int = 0) -> dict[str, Any]:
     limits = service.limits
     runner = TimedRunner(ServiceRunner(service, None))
     case = json.loads(path.read_text())
@@ -184,7 +184,7 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
     runner.mask_s = 0.0
     try:
         result = structured.generate_structured(runner, PROMPT, text, limits=limits, max_new_tokens=max_tokens,
-                                                temperature=0.7, seed=0, attempts=attempts, steer=steer)
+                                                temperature=0.7, seed=seed, attempts=attempts, steer=steer)
     except structured.SchemaError as exc:  # the smallest instance does not fit the budget
         return {**row, "outcome": "refused", "reason": str(exc)}
     except Exception as exc:  # a backend failure is a finding to report, not a reason to lose the run
@@ -205,7 +205,7 @@ def run_one(service: GenerationService, path: Path, max_tokens: int, attempts: i
     prompt = structured.build_prompt(runner, PROMPT, compiled.schema, limits, max_tokens)
     prepared = service.prepare(service.ready().format_prompt(prompt, True))
     runner.add(service.start("bench", prepared, SamplingParams(max_new_tokens=max_tokens, temperature=0.7,
-                                                                seed=0)).result())
+                                                                seed=seed)).result())
     return {**row, "free_s": runner.seconds, "free_tokens": runner.tokens}
 
 
@@ -256,6 +256,7 @@ def main() -> None:
     ap.add_argument("--no-steer", action="store_true", help="budget steering off (what it adds, for comparison)")
     ap.add_argument("--jobs", type=int, default=1, help="schemas at once (slots); >1 leaves the speed columns out")
     ap.add_argument("--speed-every", type=int, default=1, help="unconstrained comparison on every K-th schema")
+    ap.add_argument("--seed", type=int, default=0, help="first sampling seed (attempt i uses seed + i)")
     args = ap.parse_args()
 
     overrides = {"max_structured_tokens": args.max_tokens} if args.max_tokens else {}
@@ -269,14 +270,14 @@ def main() -> None:
     max_tokens = service.limits.max_structured_tokens
     paths = pick_schemas(args.schemas, args.limit)
     lim = service.limits
-    print(f"{len(paths)} schemas, steering {'off' if args.no_steer else 'on'}, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
+    print(f"{len(paths)} schemas, seed {args.seed}, steering {'off' if args.no_steer else 'on'}, tier {args.tier}, backend {service.tier.backend} ({runner.model_id}), "
           f"max {max_tokens} tokens, {args.attempts} attempts, schema limit {lim.max_schema_chars:,} chars / "
           f"depth {lim.max_schema_depth}, {args.jobs} at once", file=sys.stderr)
     rows: list[dict[str, Any]] = []
 
     def one(i: int, path: Path) -> dict[str, Any]:
         speed = args.jobs == 1 and i % args.speed_every == 0
-        return run_one(service, path, max_tokens, args.attempts, steer=not args.no_steer, speed=speed)
+        return run_one(service, path, max_tokens, args.attempts, steer=not args.no_steer, speed=speed, seed=args.seed)
 
     try:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -296,6 +297,19 @@ def main() -> None:
         args.json.write_text(json.dumps(rows, indent=1))
 
 
+REASON_KINDS = (("the smallest JSON this schema allows", "budget: smallest instance over the token cap"),
+                ("leaves no room for an answer", "prompt: no room left in the context"),
+                ("repeats a repetition", "regex with nested repetition"),
+                ("cannot be used for constrained decoding", "grammar compiler refused"),
+                ("intake:", "schema refused at intake"),
+                ("truncated at", "truncated"),
+                ("is not valid under", "validator rejected the output"))
+
+
+def reason_kind(reason: str) -> str:
+    return next((kind for text, kind in REASON_KINDS if text in reason), "other")
+
+
 def print_report(rows: list[dict[str, Any]]) -> None:
     by_subset: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
     for row in rows:
@@ -308,6 +322,9 @@ def print_report(rows: list[dict[str, Any]]) -> None:
     if big:
         print(f"\nschemas of 20k+ characters: {len(big)} compiled, compile ms p50 {statistics.median(big):.0f}, "
               f"max {max(big):.0f}")
+    kinds = collections.Counter(f"{r['outcome']} ({reason_kind(r['reason'])})" for r in rows
+                                if "reason" in r and r["outcome"] != "valid")
+    print("\nnot valid, by kind: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()))
     reasons = collections.Counter(f"{r['outcome']}: {r['reason'][:110]}" for r in rows if "reason" in r
                                   and r["outcome"] != "truncated")
     for reason, n in reasons.most_common(25):

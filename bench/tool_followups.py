@@ -14,15 +14,18 @@ SmolLM2-135M-Instruct) and the same chat template (the GGUF's own):
 
 Each conversation runs greedy once and at ``--temperature`` with ``--seeds`` seeds. A run counts as
 "answered" when the reply is text, "same tool again" / "other tool" when it calls, "mentions the
-result" when the text holds the result's key fact. llama-server is the bench-only build (never part
+result" when the text holds the result's key fact. Both servers run at once and every request goes to
+one then the other (same load). llama-server is the bench-only build (never part
 of set-up; see bench/concurrency.py): default /work/peers/.../build/bin/llama-server or $LLAMA_SERVER.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -118,24 +121,28 @@ def classify(message: Any, finish: str, case: tuple) -> str:
     return "answered, mentions the result" if fact.lower() in text.lower() else "answered"
 
 
-def run_all(client: openai.OpenAI, model: str, runs: list[tuple[float, int | None]], max_tokens: int,
-            label: str) -> list[dict[str, Any]]:
+def run_all(servers: list[tuple[openai.OpenAI, str, str]], runs: list[tuple[float, int | None]], max_tokens: int
+            ) -> list[dict[str, Any]]:
+    """Every case and run on each server (client, model, label) in turn: interleaved, so both see the
+    same machine load."""
     rows = []
     for i, case in enumerate(CASES):
         for temperature, seed in runs:
-            start = time.perf_counter()
-            try:
-                r = client.chat.completions.create(model=model, messages=messages_of(case), tools=case[0],
-                                                   tool_choice="auto", parallel_tool_calls=False,
-                                                   temperature=temperature, seed=seed, max_tokens=max_tokens)
-                choice = r.choices[0]
-                outcome, text = classify(choice.message, choice.finish_reason, case), (
-                    choice.message.content or json.dumps([c.function.model_dump() for c in choice.message.tool_calls or []]))
-            except openai.APIError as exc:
-                outcome, text = "error", str(exc)[:200]
-            rows.append({"server": label, "case": i, "temperature": temperature, "seed": seed, "outcome": outcome,
-                         "text": text, "seconds": round(time.perf_counter() - start, 2)})
-            print(f"[{label}] case {i} t={temperature} seed={seed}: {outcome}: {text[:90]!r}", file=sys.stderr)
+            for client, model, label in servers:
+                start = time.perf_counter()
+                try:
+                    r = client.chat.completions.create(model=model, messages=messages_of(case), tools=case[0],
+                                                       tool_choice="auto", parallel_tool_calls=False,
+                                                       temperature=temperature, seed=seed, max_tokens=max_tokens)
+                    choice = r.choices[0]
+                    outcome, text = classify(choice.message, choice.finish_reason, case), (
+                        choice.message.content
+                        or json.dumps([c.function.model_dump() for c in choice.message.tool_calls or []]))
+                except openai.APIError as exc:
+                    outcome, text = "error", str(exc)[:200]
+                rows.append({"server": label, "case": i, "temperature": temperature, "seed": seed,
+                             "outcome": outcome, "text": text, "seconds": round(time.perf_counter() - start, 2)})
+                print(f"[{label}] case {i} t={temperature} seed={seed}: {outcome}: {text[:90]!r}", file=sys.stderr)
     return rows
 
 
@@ -216,35 +223,35 @@ def main() -> None:
     from slm_app.provisioning.embedded import smollm2_gguf
 
     gguf = str(smollm2_gguf())
-    rows: list[dict[str, Any]] = []
-    if args.only != "llama-server":
-        from slm_app.server import build_app, serve_in_thread
-        from slm_app.settings import Settings
+    # A stopped run (SIGTERM) still stops llama-server and the app: the ExitStack below unwinds.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    servers: list[tuple[openai.OpenAI, str, str]] = []
+    with contextlib.ExitStack() as stack:
+        if args.only != "llama-server":
+            from slm_app.server import build_app, serve_in_thread
+            from slm_app.settings import Settings
 
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        with tempfile.TemporaryDirectory() as cache:
+            os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+            cache = stack.enter_context(tempfile.TemporaryDirectory())
             settings = Settings(tier="pro", backend="llama.cpp", model="embedded:smollm2-135m-instruct",
                                 cache_dir=cache, parallel=1)
             server = serve_in_thread(build_app(settings))
-            try:
-                if not server.service.wait_until_loaded(timeout=600):
-                    sys.exit(f"app did not load: {server.service.load_error}")
-                client = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=300)
-                rows += run_all(client, client.models.list().data[0].id, runs, args.max_tokens, "app")
-            finally:
-                server.stop()
-    if args.only != "app":
-        if not Path(args.llama_server).is_file():
-            print(f"llama-server not found at {args.llama_server}: its column is skipped", file=sys.stderr)
-        else:
-            log = Path(tempfile.gettempdir()) / "tool_followups_llama_server.log"
-            proc, url = start_llama_server(args.llama_server, gguf, log)
-            try:
+            stack.callback(server.stop)
+            if not server.service.wait_until_loaded(timeout=600):
+                sys.exit(f"app did not load: {server.service.load_error}")
+            client = openai.OpenAI(base_url=server.url + "v1", api_key="unused", max_retries=0, timeout=300)
+            servers.append((client, client.models.list().data[0].id, "app"))
+        if args.only != "app":
+            if not Path(args.llama_server).is_file():
+                print(f"llama-server not found at {args.llama_server}: its column is skipped", file=sys.stderr)
+            else:
+                log = Path(tempfile.gettempdir()) / "tool_followups_llama_server.log"
+                proc, url = start_llama_server(args.llama_server, gguf, log)
+                stack.callback(proc.wait, 30)
+                stack.callback(proc.terminate)
                 client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-                rows += run_all(client, "smollm2", runs, args.max_tokens, "llama-server --jinja")
-            finally:
-                proc.terminate()
-                proc.wait(30)
+                servers.append((client, "smollm2", "llama-server --jinja"))
+        rows = run_all(servers, runs, args.max_tokens)
     print(f"{len(CASES)} follow-ups (a tool result last, tool_choice auto), greedy + {args.seeds} seeds at "
           f"T={args.temperature}, max_tokens {args.max_tokens}, SmolLM2-135M-Instruct Q4_1 ({gguf})")
     print(table(rows))

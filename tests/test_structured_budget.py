@@ -132,6 +132,33 @@ def test_walk_reports_how_it_ended(tok) -> None:
     assert status == "complete" and len(json.loads(tok.decode_str(path))) == 50
 
 
+@pytest.mark.parametrize("schema, smallest", [
+    # Required members only, whatever optional ones come first (the walk used to open "award_value").
+    (obj({"award_value": {"type": "integer"}, "awarding_name": FREE_TEXT, "brief_id": {"type": "integer"},
+          "id": {"type": "integer"}, "result": FREE_TEXT}, required=["id", "result"]), {"id": 1, "result": ""}),
+    # Nothing required: the empty object, not its first optional member.
+    (obj({"apiVersion": FREE_TEXT, "kind": {"enum": ["HorizontalPodAutoscaler"]}}, required=[]), {}),
+], ids=["required members only", "nothing required"])
+def test_the_smallest_instance_has_only_what_the_schema_requires(tok, schema, smallest) -> None:
+    compiled = compile_schema(parse_schema(json.dumps(schema), ROOMY), tok, budget=96)
+    assert json.loads(compiled.min_instance) == smallest
+
+
+@pytest.mark.parametrize("string, extra", [
+    ({"type": "string", "minLength": 40}, 4),
+    # The pattern's own example ("a@a.___") is too short: its first "+" is repeated to the minimum.
+    ({"type": "string", "minLength": 10, "pattern": ".+[@].+[.]___"}, 8),
+    ({"type": "string", "minLength": 1, "maxLength": 30}, 2),  # "-", not the date hint beside it
+], ids=["minLength 40", "pattern and minLength", "minLength 1"])
+def test_strings_of_a_minimum_length_take_few_tokens(tok, string, extra) -> None:
+    """A filler the tokenizer merges ("-" * 40 is 3 GPT-2 tokens), not one token per character:
+    the free tier's 96 tokens then hold schemas whose every string has a minimum length."""
+    schema = obj({"a": string, "b": {"type": "string", "format": "date"}})  # a date hint beside it
+    compiled = compile_schema(parse_schema(json.dumps(schema), ROOMY), tok, budget=96)
+    assert validate_output(compiled.min_instance, schema)[1] is None, compiled.min_instance
+    assert compiled.min_tokens <= len(tok.tokenize_str('{"a":"","b":"2000-01-01"}')) + extra, compiled.min_instance
+
+
 def test_a_schema_that_cannot_fit_is_refused_with_its_reason(service) -> None:
     schema = obj({f"field_{i}": {"type": "integer"} for i in range(12)})
     with pytest.raises(RequestError) as err:

@@ -23,7 +23,7 @@ from slm_app.structured import numbers as json_numbers
 from slm_app.structured.intake import (
     _DATA_KEYWORDS, _NAME_MAPS, _UNBOUNDABLE, SchemaError, _regex_children,
 )
-from slm_app.structured.walk import WALK_SECONDS, _cache_lock, _string_hints, walk_to_completion
+from slm_app.structured.walk import NO_HINTS, WALK_SECONDS, WalkHints, _cache_lock, _string_hints, walk_to_completion
 
 # ---------------------------------------------------------------------------------------------
 # Compilation
@@ -75,7 +75,7 @@ class CompiledSchema:
     shortest: tuple[int, ...] | None = None
     shortest_status: str = "stuck"
     walk_limit: int = 0
-    hints: tuple[bytes, ...] = ()  # _string_hints: string contents the walk tries first
+    hints: WalkHints = NO_HINTS  # _string_hints: string contents and keys the walk tries first
 
     @property
     def min_tokens(self) -> int | None:

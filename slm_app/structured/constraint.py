@@ -148,9 +148,10 @@ class JsonSchemaConstraint:
             slack = remaining - self._closing
             walk = (slack <= NEAR + TIGHT or (self._stale and slack <= 2 * VERIFY)
                     or self._since >= max(RECHECK_EVERY, slack // RECHECK_SHARE))
-        if walk and self._path and self._closing is not None and not self._stale:
+        if walk and self._path and self._closing is not None and not self._stale and len(self._path) < remaining:
             # The last walk's completion may still complete from here (text went on inside a string
-            # or a number): checking it costs no mask, a new walk may cost many.
+            # or a number): checking it costs no mask, a new walk may cost many. Only if it still
+            # fits: after text of its own the model may need a shorter one ("-" * 6, not "-" * 12).
             m = self._matcher.deep_copy()
             if m.consume_tokens(self._path) and m.is_accepting():
                 self._fresh, self._since = True, 0

@@ -53,6 +53,8 @@ RECHECK_SHARE = 8
 # then "," (allowed only where a required member or item must follow, or as string text), then the
 # shortest values ("1" before "0": years, exclusive minimums and dates refuse 0 more often).
 _WALK_PREFERENCE = ('"', "}", "]", ",", "1", "0", '""', "[]", "{}", "null", "false", "true", "[", "{", ":")
+# Outside a string '"' opens one (a key: an optional member): closing the object or array comes first.
+_OUTSIDE_PREFERENCE = ("}", "]") + _WALK_PREFERENCE[:1] + _WALK_PREFERENCE[3:]
 _OPENERS = frozenset(b"{[,:\\")
 
 
@@ -60,7 +62,8 @@ _OPENERS = frozenset(b"{[,:\\")
 class _VocabFacts:
     """Per tokenizer: the walk's preferred tokens and which tokens open nothing."""
 
-    preferred: tuple[int, ...]
+    preferred: tuple[int, ...]  # inside a string: '"' first, to close it
+    outside: tuple[int, ...]  # elsewhere '"' opens a string: "}" and "]" first, to close before opening
     eos: int
     safe: np.ndarray  # bool over the vocabulary: the token's bytes contain none of { [ , : \\
     opens: np.ndarray  # the complement (special tokens such as EOS carry no JSON: they open nothing)
@@ -75,16 +78,20 @@ def _facts(tokenizer: llguidance.LLTokenizer) -> _VocabFacts:
     hit = _vocab_facts.get(id(tokenizer))
     if hit is not None and hit[0] is tokenizer:
         return hit[1]
-    preferred = []
-    for text in _WALK_PREFERENCE:
-        ids = tokenizer.tokenize_str(text)
-        if len(ids) == 1 and ids[0] not in preferred:
-            preferred.append(ids[0])
+    def single_tokens(texts: Sequence[str]) -> tuple[int, ...]:
+        out: list[int] = []
+        for text in texts:
+            ids = tokenizer.tokenize_str(text)
+            if len(ids) == 1 and ids[0] not in out:
+                out.append(ids[0])
+        return tuple(out)
+
     n = tokenizer.vocab_size
     pieces = tuple(b"" if tokenizer.is_special_token(i) else tokenizer.decode_bytes([i]) for i in range(n))
     opens = np.fromiter((not _OPENERS.isdisjoint(p) for p in pieces), dtype=np.bool_, count=n)
     quotes = np.fromiter((b'"' in p for p in pieces), dtype=np.bool_, count=n)
-    facts = _VocabFacts(tuple(preferred), tokenizer.eos_token, ~opens, opens, pieces, quotes)
+    facts = _VocabFacts(single_tokens(_WALK_PREFERENCE), single_tokens(_OUTSIDE_PREFERENCE), tokenizer.eos_token,
+                        ~opens, opens, pieces, quotes)
     with _cache_lock:
         _vocab_facts[id(tokenizer)] = (tokenizer, facts)  # holds the tokenizer: its id stays unique
     return facts
@@ -107,25 +114,36 @@ _FORMAT_EXAMPLES = {
     "regex": "a",
 }
 _MAX_HINTS = 64
+# Fillers for strings that need only a length (minLength, or any content at all): one character
+# repeated. The walk tries hints fewest tokens first and the grammar decides which fit; "-" first, as
+# tokenizers merge runs of it ("-" * 20 is 2 GPT-2 tokens, "a" * 20 is 6).
+_FILLERS = ("-", "a", "1")
+_MAX_FILLED = 8  # distinct minLengths given fillers
+_MAX_KEY_HINTS = 256
 _CATEGORY_CHARS = {sre_c.CATEGORY_DIGIT: "1", sre_c.CATEGORY_WORD: "a", sre_c.CATEGORY_SPACE: " ",
                    sre_c.CATEGORY_NOT_DIGIT: "a", sre_c.CATEGORY_NOT_WORD: "-", sre_c.CATEGORY_NOT_SPACE: "a"}
 
 
-def shortest_match(regex: str) -> str | None:
-    """A short string ``regex`` matches (searched, as JSON Schema's "pattern" is), or None if this
-    simple construction cannot tell (lookarounds, backreferences...)."""
+def shortest_match(regex: str, min_length: int = 0) -> str | None:
+    """A short string ``regex`` matches (searched, as JSON Schema's "pattern" is), of at least
+    ``min_length`` characters if one open repetition can make it so, or None if this simple
+    construction cannot tell (lookarounds, backreferences...)."""
     try:
-        text = _example(sre_parse.parse(regex))
+        seq = sre_parse.parse(regex)
+        text = _example(seq)
+        if len(text) < min_length:  # ".+@.+" with a minLength of 10: the first "+" takes the rest
+            text = _example(seq, [min_length - len(text)])
     except (re.error, RecursionError, _NoExample):
         return None
-    return text if text is not None and re.search(regex, text) else None
+    return text if re.search(regex, text) else None
 
 
 class _NoExample(Exception):
     pass
 
 
-def _example(seq: Any) -> str:
+def _example(seq: Any, pad: list[int] | None = None) -> str:
+    """``pad``: extra repeats for the first repetition open enough to take them (used up as it goes)."""
     out = []
     for op, av in seq:
         if op is sre_c.LITERAL:
@@ -135,14 +153,17 @@ def _example(seq: Any) -> str:
         elif op is sre_c.IN:
             out.append(_in_example(av))
         elif op in _REPEATS or op is sre_c.POSSESSIVE_REPEAT:
-            lo, _hi, body = av
+            lo, hi, body = av
             if lo > 256:  # a hint is a suggestion for a short string, not worth building a long one
                 raise _NoExample
-            out.append(_example(body) * lo)
+            n = lo
+            if pad and pad[0] > 0 and hi - lo >= pad[0]:  # hi is MAXREPEAT when open
+                n, pad[0] = lo + pad[0], 0
+            out.append(_example(body) * n)
         elif op is sre_c.SUBPATTERN:
-            out.append(_example(av[3]))
+            out.append(_example(av[3], pad))
         elif op is sre_c.ATOMIC_GROUP:
-            out.append(_example(av))
+            out.append(_example(av, pad))
         elif op is sre_c.BRANCH:
             out.append(min((_example(alt) for alt in av[1]), key=len))
         elif op is sre_c.AT:
@@ -167,18 +188,46 @@ def _in_example(items: Any) -> str:
     raise _NoExample
 
 
-def _string_hints(schema: dict) -> tuple[bytes, ...]:
-    """The schema's pattern and format examples as JSON string contents with the closing quote."""
+@dataclass(frozen=True)
+class WalkHints:
+    """What the walk tries first inside a string, each as JSON string contents with the closing quote:
+    ``values``: the schema's pattern and format examples; ``lengths``: its minLengths, which fillers
+    make up from what the string has so far (``_first_fitting``); ``keys``: the names objects require
+    (a greedy walk writing a key character by character opens whichever optional member comes first
+    in the order of token ids)."""
+
+    values: tuple[bytes, ...] = ()
+    lengths: tuple[int, ...] = ()
+    keys: tuple[bytes, ...] = ()
+
+
+NO_HINTS = WalkHints()
+
+
+def _string_hints(schema: dict) -> WalkHints:
+    """The ``WalkHints`` of ``schema``."""
     texts: list[str] = []
+    names: list[str] = []
+    lengths: set[int] = set()
     for _path, node in _subschemas(schema):
+        if isinstance(node.get("required"), list):
+            names.extend(name for name in node["required"] if isinstance(name, str))
+        if isinstance(node.get("minLength"), int) and 1 < node["minLength"] <= 256:
+            lengths.add(node["minLength"])
         if isinstance(node.get("pattern"), str):
-            texts.append(shortest_match(node["pattern"]) or "")
+            least = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
+            texts.append(shortest_match(node["pattern"], min(least, 256)) or "")
         if isinstance(node.get("format"), str):
             texts.append(_FORMAT_EXAMPLES.get(node["format"], ""))
         if isinstance(node.get("patternProperties"), dict):
             texts.extend(shortest_match(r) or "" for r in node["patternProperties"])
-    seen: dict[str, None] = dict.fromkeys(t for t in texts if t)
-    return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in list(seen)[:_MAX_HINTS])
+    specific = list(dict.fromkeys(t for t in texts if t))[:_MAX_HINTS]
+
+    def quoted(items: Sequence[str]) -> tuple[bytes, ...]:
+        return tuple(json.dumps(text, ensure_ascii=False)[1:].encode() for text in dict.fromkeys(items))
+
+    keys = list(dict.fromkeys(names))[:_MAX_KEY_HINTS]
+    return WalkHints(quoted(specific), tuple(sorted(lengths)[:_MAX_FILLED]), quoted(keys))
 
 
 # Full-mask look-ups one walk may make, and for how long: bounds its cost (a mask costs up to a few ms
@@ -196,7 +245,7 @@ DECODE_WALK_SECONDS = 0.05
 
 def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
                         position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
-                        hints: Sequence[bytes] = (), seconds: float | None = None) -> list[int] | None:
+                        hints: WalkHints = NO_HINTS, seconds: float | None = None) -> list[int] | None:
     """Tokens that take ``matcher`` (not modified) to a complete value, found greedily; None if the
     walk finds none within ``limit`` tokens. See ``walk_to_completion``."""
     path, status = walk_to_completion(matcher, tokenizer, limit, position, max_masks, hints, seconds)
@@ -205,7 +254,7 @@ def shortest_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLT
 
 def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
                        position: "_JsonPosition | None" = None, max_masks: int = MAX_WALK_MASKS,
-                       hints: Sequence[bytes] = (), seconds: float | None = None) -> tuple[list[int], str]:
+                       hints: WalkHints = NO_HINTS, seconds: float | None = None) -> tuple[list[int], str]:
     """A short way from ``matcher``'s state (not modified) to a complete value: ``(tokens, status)``.
 
     Status "complete": ``tokens`` (at most ``limit``) complete the value. "long": the completion
@@ -219,9 +268,9 @@ def walk_to_completion(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTo
     allowed token id. Optional members and items are never opened (closing is preferred wherever it
     is allowed) and required ones get minimal values. Greedy, so an upper bound on the shortest:
     exact on most schemas, longer where choosing a branch early would have paid off later.
-    ``position`` is where the text so far stands (None: at the start). ``hints``: whole string
-    contents (closing quote included, ``_string_hints``) tried first inside a string value whose
-    text so far begins one of them (the grammar may have forced a prefix).
+    ``position`` is where the text so far stands (None: at the start). ``hints`` (``_string_hints``):
+    whole string contents tried first inside a string value, fewest tokens first, and names tried
+    first inside a key, wherever the string cannot end yet.
     """
     path, status = _walk(matcher, tokenizer, 2 * limit + 16, position, max_masks, hints, seconds)
     if status == "complete":
@@ -254,7 +303,7 @@ def _compact(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, p
 
 
 def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limit: int,
-          position: "_JsonPosition | None", max_masks: int, hints: Sequence[bytes],
+          position: "_JsonPosition | None", max_masks: int, hints: WalkHints,
           seconds: float | None) -> tuple[list[int], str]:
     facts = _facts(tokenizer)
     deadline = None if seconds is None else time.perf_counter() + seconds
@@ -265,7 +314,7 @@ def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limi
     # over, so the walk tries other characters until one moves the string toward its end.
     recent: collections.Counter[int] = collections.Counter()
     pos = _JsonPosition() if position is None else position.copy()
-    masks, tried_hints = 0, False
+    masks, hinted = 0, -1  # hints are tried once per string: the serial (pos.strings) of the last one
     while not m.is_accepting():
         if m.is_stopped():
             return path, "stuck"
@@ -282,19 +331,24 @@ def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limi
                 pos.feed(facts.token_bytes[t])
             recent.clear()
             continue
-        if (hints and pos.in_string and not pos.in_key and not tried_hints
+        if (pos.in_string and hinted != pos.strings and (hints.keys or not pos.in_key)
                 and m.validate_tokens([facts.preferred[0]]) == 0):  # only where the string cannot end now
-            tried_hints = True  # once per string: a hint that does not fit now will not later
-            hint = _first_fitting(m, tokenizer, hints, bytes(pos.string_text))
+            hinted = pos.strings  # once per string: a hint that does not fit now will not later
+            if pos.in_key:  # only a name the open object does not have yet, and only as a whole key
+                keys = pos.open_keys() or set()
+                hint = _first_fitting(m, tokenizer, [k for k in hints.keys if k[:-1] not in keys],
+                                      bytes(pos.string_text), fresh=False)
+            else:
+                written = bytes(pos.string_text)
+                hint = _first_fitting(m, tokenizer, hints.values + _fillers(hints.lengths, written), written)
             if hint is not None:
                 path.extend(hint)
                 for t in hint:
                     pos.feed(facts.token_bytes[t])
                 recent.clear()
                 continue
-        if not pos.in_string:
-            tried_hints = False
-        token = next((t for t in facts.preferred if recent[t] < 2 and not _repeats_key(pos, facts, t)
+        order = facts.preferred if pos.in_string else facts.outside
+        token = next((t for t in order if recent[t] < 2 and not _repeats_key(pos, facts, t)
                       and m.try_consume_tokens([t]) == 1), None)
         if token is None:
             masks += 1
@@ -314,15 +368,25 @@ def _walk(matcher: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, limi
     return path, "complete"
 
 
+def _fillers(lengths: Sequence[int], written: bytes) -> tuple[bytes, ...]:
+    """One character repeated, to make up each minLength from what the string has (and one alone)."""
+    have = len(written.decode(errors="replace"))
+    return tuple(f'{c * n}"'.encode() for n in sorted({n - have for n in lengths if n > have} | {1}) for c in _FILLERS)
+
+
 def _first_fitting(m: llguidance.LLMatcher, tokenizer: llguidance.LLTokenizer, hints: Sequence[bytes],
-                   written: bytes) -> list[int] | None:
+                   written: bytes, fresh: bool = True) -> list[int] | None:
     """Consume the rest of the first hint that begins with ``written`` and that the grammar takes whole;
     else a whole hint after ``written``, where the grammar takes it (JSON Schema's pattern is searched,
     not anchored: after "2021-01-13 20:30" that the model wrote, a timestamp pattern's example still
-    matches, and the string can close)."""
+    matches, and the string can close; ``fresh=False``: not so)."""
     rests = [text[len(written):] for text in hints if text.startswith(written) and len(text) > len(written)]
-    for rest in rests + [text for text in hints if not text.startswith(written)]:
-        hint = tokenizer.tokenize_bytes(rest)
+    fresh_hints = [text for text in hints if not text.startswith(written)] if fresh else []
+    # Fewest tokens first: the walk measures the smallest instance ("a" before "2000-01-01" where a
+    # string needs only a minLength of 1), continuations of what is written before fresh hints on a tie.
+    candidates = sorted((len(tokens), i, tokens) for i, tokens in enumerate(
+        tokenizer.tokenize_bytes(text) for text in rests + fresh_hints))
+    for _, _, hint in candidates:
         n = m.try_consume_tokens(hint)
         if n == len(hint) and not m.is_error():
             return hint
@@ -346,6 +410,7 @@ class _JsonPosition:
 
     def __init__(self) -> None:
         self._stack: list[set[bytes] | None] = []  # per open container: an object's keys, None for an array
+        self.strings = 0  # strings (keys included) opened so far: tells one string from the next
         self._in_string = self._escape = self._is_key = False
         self._key = bytearray()
         self.in_key = False  # after "{" or "," in an object, up to the ":" (the key decides the value)
@@ -393,6 +458,7 @@ class _JsonPosition:
         other._key = bytearray(self._key)
         other.in_key, other.repeated_key = self.in_key, self.repeated_key
         other.string_text = bytearray(self.string_text)
+        other.strings = self.strings
         return other
 
     def feed(self, data: bytes) -> None:
@@ -415,6 +481,7 @@ class _JsonPosition:
                     self._key.append(b)
             elif b == 0x22:
                 self._in_string, self._is_key = True, self.in_key
+                self.strings += 1
                 self._key.clear()
                 self.string_text.clear()
             elif b == 0x7B:  # {
