@@ -9,6 +9,7 @@ TensorFlow: a random float32 GPT-2, where a cached answer's logits are a cold on
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -336,8 +337,8 @@ def test_tf_scheduler_cached_answers_are_cold_answers(tf_model) -> None:
 
 # ---- through the app: the openai SDK and the Chat tab ---------------------------------------------
 
-@pytest.fixture(scope="module")
-def pro_apps(offline):
+@contextmanager
+def _pro_pair():
     """The pro tier twice: with the prompt cache (the default) and without it (the cold reference)."""
     pytest.importorskip("llama_cpp")
     from conftest import launch_app
@@ -345,6 +346,12 @@ def pro_apps(offline):
     with launch_app(Settings(tier="pro", n_threads=1, flash_attn="off")) as warm, \
             launch_app(Settings(tier="pro", n_threads=1, flash_attn="off", prompt_cache=False)) as cold_app:
         yield warm, cold_app
+
+
+@pytest.fixture(scope="module")
+def pro_apps(offline):
+    with _pro_pair() as apps:
+        yield apps
 
 
 def _health(app) -> dict:
@@ -391,10 +398,17 @@ def test_openai_multi_turn_reports_cached_tokens_and_answers_as_cold(pro_apps) -
 
 
 @pytest.mark.llama
-def test_chat_tab_second_turn_is_served_from_the_cache(pro_apps) -> None:
+def test_chat_tab_second_turn_is_served_from_the_cache(offline) -> None:
+    """A fresh pair, so the conversation sits in the same cells in both apps: with other conversations
+    cached, the unified cache places it elsewhere and a near tie may part (docs/prompt-cache.md), which
+    the scheduler-level tests check with their tolerance; here the text must be equal."""
+    with _pro_pair() as (warm, cold_app):
+        _chat_tab_turns(warm, cold_app)
+
+
+def _chat_tab_turns(warm, cold_app) -> None:
     from gradio_client import Client
 
-    warm, cold_app = pro_apps
     system = "Answer from this document. " + DOCUMENT[:1200]
 
     def conversation(app) -> list[str]:
