@@ -72,9 +72,10 @@ def peak_rss_mb() -> float:
 
 def run_main(main: Callable[[str], int], module: str) -> None:
     """``python -m module CONFIG.json``: the weights are local files, so the hub is never reached."""
-    if len(sys.argv) != 2:
-        print(f"usage: python -m {module} CONFIG.json", file=sys.stderr)
-        sys.exit(2)
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
+        print(f"usage: python -m {module} CONFIG.json  (a job writes the config; see docs/fine-tuning.md)",
+              file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main(sys.argv[1]))
 
