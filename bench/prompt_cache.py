@@ -127,7 +127,10 @@ async def run(args: argparse.Namespace) -> None:
     try:
         wait_ready(peer_ready, peer, peer_name)
         wait_ready(f"http://127.0.0.1:{app_port}/health", app, "app")
-        async with httpx.AsyncClient(timeout=600) as client:
+        # A new connection per request: llama-server closes idle keep-alive connections after a few
+        # seconds, and a request sent on one it has just closed fails ("Server disconnected"); a
+        # connect on localhost costs well under a millisecond, for both sides alike.
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             models = {s: (await client.get(f"{u}/models")).json()["data"][0]["id"] for s, u in sides.items()}
             for side, url in sides.items():  # warm-up: connections, templates, first allocations
                 await stream_chat(client, url, models[side], [{"role": "user", "content": "Hi"}], 4)
