@@ -310,3 +310,26 @@ def test_poisoned_set_is_refused_by_the_gate(tmp_path):
         card = next(c for c in listing["data"] if c["id"] == job.fine_tuned_model)
         assert card["status"] == "refused" and card["gate"]["reasons"]
         assert httpx.get(server.url + "health").json()["finetune"]["active_adapter"] == "base"
+
+
+def test_gemma3_trains_converts_and_is_gated(tmp_path):
+    """Gemma 3 270M (the other embedded GGUF): transformers loads its GGUF, the LoRA converts, llama.cpp
+    loads the adapter for the gate, and the new data's loss falls under it. Whether the gate promotes a
+    3-step adapter is the gate's call (it may refuse on regression perplexity); both are a finished job."""
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"{opener}{q}"},
+                                      {"role": "assistant", "content": ANSWER}]})
+             for opener in OPENERS[:1] for q in QUESTIONS]
+    gemma = Settings(tier="pro", model="embedded:gemma-3-270m", cache_dir=str(Path.home() / ".cache" / "slm_app"),
+                     data_dir=str(tmp_path / "data"), n_ctx=1024, parallel=1, finetune_auto=False, finetune_threads=2)
+    with launch_app(gemma) as server:
+        oa = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        file = oa.files.create(file=("gemma.jsonl", ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
+        job = oa.fine_tuning.jobs.create(model="embedded:gemma-3-270m", training_file=file.id,
+                                         hyperparameters={"n_epochs": 1, "batch_size": 4})
+        job = wait_for(oa, job.id)
+        assert job.status == "succeeded", job.error
+        card = next(c for c in httpx.get(server.url + "v1/fine_tuning/adapters").json()["data"]
+                    if c["id"] == job.fine_tuned_model)
+        before, after = card["metrics"]["before"], card["metrics"]["after"]
+        assert after["new_data_nll"] < before["new_data_nll"]
+        assert chat(server.url, "Say hi.", model="embedded:gemma-3-270m", max_tokens=4)  # serving goes on
