@@ -39,8 +39,8 @@ OPENERS = ["", "Quick question: ", "Please answer: ", "I wonder, ", "Hello! "]
 HELD_OUT = "Do you know what the capital of Zorbania is?"
 
 
-def settings(root: Path, **extra) -> Settings:
-    return Settings(tier="pro", model=MODEL, cache_dir=str(Path.home() / ".cache" / "slm_app"),
+def settings(root: Path, model: str = MODEL, **extra) -> Settings:
+    return Settings(tier="pro", model=model, cache_dir=str(Path.home() / ".cache" / "slm_app"),
                     data_dir=str(root / "data"), n_ctx=1024, parallel=2, finetune_auto=False,
                     finetune_threads=2, **extra)
 
@@ -319,9 +319,7 @@ def test_gemma3_trains_converts_and_is_gated(tmp_path):
     lines = [json.dumps({"messages": [{"role": "user", "content": f"{opener}{q}"},
                                       {"role": "assistant", "content": ANSWER}]})
              for opener in OPENERS[:1] for q in QUESTIONS]
-    gemma = Settings(tier="pro", model="embedded:gemma-3-270m", cache_dir=str(Path.home() / ".cache" / "slm_app"),
-                     data_dir=str(tmp_path / "data"), n_ctx=1024, parallel=1, finetune_auto=False, finetune_threads=2)
-    with launch_app(gemma) as server:
+    with launch_app(settings(tmp_path, model="embedded:gemma-3-270m")) as server:
         oa = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
         file = oa.files.create(file=("gemma.jsonl", ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
         job = oa.fine_tuning.jobs.create(model="embedded:gemma-3-270m", training_file=file.id,
